@@ -1,0 +1,116 @@
+"""Models by preset name, checkpoints as plain dicts written atomically, and loading them safely.
+
+A checkpoint is a dict of state dicts plus `args`, `config`, `step` and `format`; the model is rebuilt
+from `config` alone. Files are written to a temporary name and renamed, so a killed run never leaves
+a half-written checkpoint, and read with torch.load(weights_only=True), so a file cannot run code.
+"""
+import dataclasses
+import hashlib
+import os
+import sys
+
+import torch
+
+import dit
+import unet
+
+FORMAT = 1  # bump when the checkpoint layout changes
+
+
+def die(msg):
+    """A clear one-line error for bad input, exit status 2, no traceback."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------
+
+PRESET_NAMES = sorted(dit.PRESETS) + sorted(unet.PRESETS)
+
+
+def model_config(preset, num_classes, image_size=None):
+    """The config dict of a preset, with the data set's class count and (optionally) image size."""
+    if preset in dit.PRESETS:
+        cfg = dit.DiTConfig(**dit.PRESETS[preset])
+    elif preset in unet.PRESETS:
+        cfg = unet.UNetConfig(**unet.PRESETS[preset])
+    else:
+        raise ValueError(f"--model {preset!r} is not one of {', '.join(PRESET_NAMES)}")
+    cfg.num_classes = num_classes
+    if image_size is not None:
+        cfg.image_size = image_size
+    return dataclasses.asdict(cfg)
+
+
+def build_model(config):
+    """Rebuild a DiT or UNet from the config dict a checkpoint stores."""
+    if config["arch"] == "dit":
+        return dit.DiT(dit.DiTConfig(**config))
+    cfg = dict(config, mult=tuple(config["mult"]), attn_res=tuple(config["attn_res"]))
+    return unet.UNet(unet.UNetConfig(**cfg))
+
+
+def fingerprint(model):
+    """A short hash of a model's weights, so a refiner can name the exact teacher it belongs to."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------
+
+
+def save_atomic(obj, path):
+    """torch.save to path.tmp, then rename: readers see the old file or the new one, never half of one."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, kind, flag="--teacher"):
+    """Load a checkpoint dict written by this repository; `kind` is 'teacher', 'refiner' or 'classifier'."""
+    if not os.path.isfile(path):
+        die(f"{flag} {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, not a checkpoint, or a pickle that wants to run code
+        die(f"{flag} {path}: not a readable {kind} checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+        found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
+        die(f"{flag} {path}: expected a {kind} checkpoint, found {found!r}")
+    if ckpt.get("format") != FORMAT:
+        die(f"{flag} {path}: checkpoint format {ckpt.get('format')} but this code reads format {FORMAT}")
+    return ckpt
+
+
+def load_teacher(path, device="cpu", flag="--teacher"):
+    """(EMA teacher in eval mode with frozen weights, checkpoint dict)."""
+    ckpt = load_checkpoint(path, "teacher", flag)
+    model = build_model(ckpt["config"])
+    model.load_state_dict(ckpt["ema"])
+    model.requires_grad_(False)
+    return model.to(device).eval(), ckpt
+
+
+def resolve_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        die(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    return name
+
+
+def seed_everything(seed):
+    import random
+
+    import numpy as np
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
