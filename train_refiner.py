@@ -1,0 +1,301 @@
+"""Train the NoiseRefine refiner g_phi with the MSD loss, then compare regimes on held-out noises.
+
+    python train_refiner.py        # the whole job on the embedded set: teacher, pairs, refiner, table
+
+1. Teacher: --teacher CKPT, or (default) runs/teacher/ckpt.pt, trained first if it is not there.
+2. Guided pairs (x_T, c, x0_guide): N' guided DDIM steps from Gaussian x_T, a CFG scale drawn per pair
+   from --w-range, optional PAG; cached in shards next to the teacher (written atomically, so an
+   interrupted generation resumes from the last whole shard). --filter keeps pairs whose x0_guide the
+   evaluator's classifier assigns to its label with at least that confidence (the paper's aesthetic filter).
+3. Refiner: LoRA (or full fine-tuning, --lora-rank 0) on a copy of the teacher, trained with L_MSD over
+   --msd-steps unguided DDIM steps; the checkpoint with the best validation loss is kept.
+4. Evaluation on held-out noises (never a training x_T): unguided, CFG, refined-unguided; metrics.json
+   and a PNG grid with the regimes side by side.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+import data
+import train_teacher
+from checkpoint import (FORMAT, die, fingerprint, load_checkpoint, load_teacher, resolve_device,
+                        save_atomic, seed_everything)
+from diffusion import sample_many
+from evaluate import load_or_train_classifier, noise_bank, print_table, run_regime, write_json
+from noiserefine import Refiner, lora_layers, msd_loss, prod_a
+
+DEFAULT_TEACHER = "runs/teacher/ckpt.pt"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--teacher", default=None, help=f"teacher checkpoint (default: {DEFAULT_TEACHER}, "
+                   "trained with train_teacher.py's defaults if missing)")
+    p.add_argument("--pairs", type=int, default=12000, help="guided pairs to generate (before filtering)")
+    p.add_argument("--pairs-dir", default=None, help="pair cache (default: next to the teacher)")
+    p.add_argument("--guide-steps", type=int, default=20, help="N': guided DDIM steps that make x0_guide")
+    p.add_argument("--w", type=float, default=None, help="one CFG scale for every pair (overrides --w-range)")
+    p.add_argument("--w-range", type=float, nargs=2, default=[2.0, 4.0], help="CFG scale drawn per pair")
+    p.add_argument("--pag", type=float, default=0.0, help="PAG scale added to the pairs' guidance")
+    p.add_argument("--filter", type=float, default=0.9, help="min classifier confidence of a kept pair (0: off)")
+    p.add_argument("--val-frac", type=float, default=0.05, help="share of kept pairs held out for validation")
+    p.add_argument("--msd-steps", type=int, default=10, help="N: unguided DDIM steps inside the MSD loss")
+    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank; 0 fine-tunes the whole copy")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=1200, help="refiner training steps")
+    p.add_argument("--val-every", type=int, default=200)
+    p.add_argument("--eval-n", type=int, default=1000, help="held-out noises in the final table")
+    p.add_argument("--eval-steps", type=int, default=20, help="DDIM steps of the final table")
+    p.add_argument("--out", default="runs/refiner")
+    p.add_argument("--resume", action="store_true", help="continue from --out/ckpt.pt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.pairs < 1 or args.batch_size < 1:
+        die("--steps, --pairs and --batch-size must be >= 1")
+    if not 1 <= args.msd_steps <= 1000 or not 1 <= args.guide_steps <= 1000:
+        die(f"--msd-steps and --guide-steps must be in 1..1000, got {args.msd_steps} and {args.guide_steps}")
+    if args.w is not None:
+        args.w_range = [args.w, args.w]
+    if min(args.w_range) < 0 or args.w_range[0] > args.w_range[1] or args.pag < 0:
+        die(f"--w/--w-range must be >= 0 and low <= high, --pag >= 0; got {args.w_range}, {args.pag}")
+    if args.lora_rank < 0 or not 0 <= args.filter < 1 or not 0 < args.val_frac < 1:
+        die("--lora-rank must be >= 0, --filter in [0, 1), --val-frac in (0, 1)")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Teacher
+# ----------------------------------------------------------------------------------------------
+
+
+def get_teacher(args, device):
+    """The teacher named by --teacher; without one, the default teacher, trained (or finished) first."""
+    path = args.teacher or DEFAULT_TEACHER
+    if args.teacher is None:
+        steps = train_teacher.parse_args([]).steps
+        done = os.path.isfile(path) and load_checkpoint(path, "teacher")["step"] >= steps
+        if not done:
+            print(f"no finished teacher at {path}: training the default teacher first")
+            resume = ["--resume"] if os.path.isfile(path) else []
+            train_teacher.main(["--out", os.path.dirname(path), "--seed", str(args.seed),
+                                "--device", args.device, *resume])
+    teacher, ckpt = load_teacher(path, device)
+    return teacher, ckpt, path
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Guided pairs, cached in shards
+# ----------------------------------------------------------------------------------------------
+
+SHARD = 1000  # pairs per shard
+
+
+def pairs_dir(args, teacher_path, teacher_fp):
+    """A cache folder keyed by everything that decides a shard's content, so changing one makes a new one."""
+    if args.pairs_dir:
+        return args.pairs_dir
+    key = json.dumps([teacher_fp, args.guide_steps, args.w_range, args.pag, args.seed, SHARD])
+    return os.path.join(os.path.dirname(teacher_path), "pairs-" + hashlib.sha256(key.encode()).hexdigest()[:10])
+
+
+def make_shard(teacher, evaluator, index, args, num_classes, image_size, device):
+    """Pairs number index*SHARD ... : x_T ~ N(0, I), c, w ~ U(w_range), x0_guide = DenoiseGuide(x_T, c).
+    Each shard has its own seed, so a resumed or split generation writes exactly the same pairs."""
+    gen = torch.Generator().manual_seed(1_000_003 * args.seed + index)
+    x_T = torch.randn(SHARD, 3, image_size, image_size, generator=gen)
+    y = torch.randint(num_classes, (SHARD,), generator=gen)
+    lo, hi = args.w_range
+    w = lo + (hi - lo) * torch.rand(SHARD, generator=gen)  # random scales reduce one scale's bias (§3.3)
+    x0_guide = sample_many(teacher, x_T, y, args.guide_steps, w, args.pag)
+    x0_guide = data.to_uint8(x0_guide)  # what a guided image is: 8 bits; also 4x smaller on disk
+    conf = evaluator.confidence(x0_guide.float() / 127.5 - 1, y)
+    return {"x_T": x_T, "y": y, "w": w, "x0_guide": x0_guide, "conf": conf}
+
+
+def load_pairs(teacher, evaluator, args, folder, num_classes, image_size, device):
+    """All args.pairs pairs: whole shards from the cache, missing ones generated and written atomically."""
+    os.makedirs(folder, exist_ok=True)
+    shards = []
+    for i in tqdm(range(math.ceil(args.pairs / SHARD)), desc="guided pairs"):
+        path = os.path.join(folder, f"shard_{i:05d}.pt")
+        if not os.path.isfile(path):  # a shard exists only once it was written whole (rename)
+            save_atomic(make_shard(teacher, evaluator, i, args, num_classes, image_size, device), path)
+        try:
+            shards.append(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception as e:
+            die(f"pair cache {path} is unreadable ({type(e).__name__}); delete it to regenerate")
+    return {k: torch.cat([s[k] for s in shards])[:args.pairs] for k in shards[0]}
+
+
+def split_pairs(pairs, args):
+    """Quality filter (paper §3.3), then a fixed validation split."""
+    keep = pairs["conf"] >= args.filter
+    kept = {k: v[keep] for k, v in pairs.items()}
+    n = len(kept["y"])
+    n_val = max(1, int(args.val_frac * n))
+    print(f"filter: kept {n} of {len(keep)} pairs ({n / len(keep):.1%}) with classifier confidence "
+          f">= {args.filter}; {n - n_val} train, {n_val} validation")
+    if n - n_val < args.batch_size:
+        die(f"--filter {args.filter} leaves {n - n_val} training pairs, fewer than --batch-size {args.batch_size}")
+    return {k: v[n_val:] for k, v in kept.items()}, {k: v[:n_val] for k, v in kept.items()}
+
+
+def batch_of(pairs, idx, device):
+    x0_guide = pairs["x0_guide"][idx].float() / 127.5 - 1
+    return pairs["x_T"][idx].to(device), pairs["y"][idx].to(device), x0_guide.to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Refiner training with L_MSD
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def validation_loss(refiner, teacher, val, args, device):
+    total = 0.0
+    for i in range(0, len(val["y"]), 250):
+        x_T, y, x0_guide = batch_of(val, slice(i, i + 250), device)
+        total += msd_loss(teacher, refiner(x_T, y), y, x0_guide, args.msd_steps).item() * len(y)
+    return total / len(val["y"])
+
+
+def train(refiner, teacher, train_pairs, val, args, device, teacher_fp):
+    params = [p for p in refiner.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(args.seed)
+    step, best, best_state = 0, float("inf"), refiner.trainable_state()
+    path = os.path.join(args.out, "ckpt.pt")
+    if args.resume:
+        if not os.path.isfile(path):
+            die(f"--resume: no checkpoint at {path} (--out {args.out})")
+        ckpt = load_refiner_ckpt(path, teacher_fp, "--resume")
+        refiner.load_state_dict(ckpt["state"], strict=False)
+        opt.load_state_dict(ckpt["opt"])
+        gen.set_state(ckpt["gen"])
+        step, best, best_state = ckpt["step"], ckpt["best_val"], ckpt["best"]
+    # L_MSD's gradient is prod(a_t) ~ 157 times a noise-space error; dividing the loss by prod(a_t)^2
+    # makes it the mean squared error of x_hat_T's implied noise-space correction, of order one.
+    scale = prod_a(args.msd_steps) ** 2
+    bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="refiner (MSD)")
+    for step in bar:
+        for g in opt.param_groups:  # cosine decay: the last steps settle
+            g["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+        x_T, y, x0_guide = batch_of(train_pairs, torch.randint(len(train_pairs["y"]), (args.batch_size,),
+                                                                generator=gen), device)
+        loss = msd_loss(teacher, refiner(x_T, y), y, x0_guide, args.msd_steps) / scale
+        if not torch.isfinite(loss):
+            die(f"MSD loss is {loss.item()} at step {step}; the last good checkpoint is kept in {args.out}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        bar.set_postfix(loss=f"{loss.item():.4f}", best_val=f"{best / scale:.4f}")
+        if step % args.val_every == 0 or step == args.steps:
+            val_loss = validation_loss(refiner, teacher, val, args, device)
+            if val_loss < best:
+                best, best_state = val_loss, refiner.trainable_state()
+            save_atomic({"kind": "refiner", "format": FORMAT, "teacher_fingerprint": teacher_fp,
+                         "teacher": args.teacher, "rank": refiner.rank, "alpha": refiner.alpha,
+                         "state": refiner.trainable_state(), "best": best_state, "best_val": best,
+                         "opt": opt.state_dict(), "gen": gen.get_state(), "step": step, "args": vars(args)},
+                        path)
+            tqdm.write(f"step {step}: validation L_MSD/prod(a)^2 {val_loss / scale:.5f} (best {best / scale:.5f})")
+    refiner.load_state_dict(best_state, strict=False)
+    return refiner
+
+
+def load_refiner_ckpt(path, teacher_fp, flag="--refiner"):
+    ckpt = load_checkpoint(path, "refiner", flag)
+    if ckpt["teacher_fingerprint"] != teacher_fp:
+        die(f"{flag} {path} was trained on teacher {ckpt['teacher_fingerprint']}, but this teacher is "
+            f"{teacher_fp}; pass the teacher it was trained on (--teacher)")
+    return ckpt
+
+
+def load_refiner(path, teacher, device="cpu", flag="--refiner"):
+    """A trained refiner (best validation weights, LoRA merged) for the given teacher."""
+    ckpt = load_refiner_ckpt(path, fingerprint(teacher), flag)
+    refiner = Refiner(teacher, ckpt["rank"], ckpt["alpha"])
+    unexpected = refiner.load_state_dict(ckpt["best"], strict=False).unexpected_keys
+    if unexpected:
+        die(f"{flag} {path}: weights do not fit this teacher ({unexpected[0]} ...)")
+    return refiner.merge().to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Evaluation on held-out noises
+# ----------------------------------------------------------------------------------------------
+
+
+def evaluate_regimes(teacher, refiner, evaluator, args, num_classes, image_size):
+    x_T, y = noise_bank(args.eval_n, num_classes, (3, image_size, image_size))
+    lo, hi = args.w_range
+    regimes = [("unguided", 0.0, None), ("cfg", (lo + hi) / 2, None)]
+    if hi > lo:
+        regimes.append(("cfg_top", hi, None))
+    regimes.append(("refined", 0.0, refiner))
+    rows, images = [], {}
+    for name, w, ref in regimes:
+        row, images[name] = run_regime(teacher, evaluator, x_T, y, name, w, args.eval_steps, ref)
+        rows.append(row)
+    return rows, images, y
+
+
+def write_regime_grid(images, y, num_classes, path, per_class=6):
+    """One row per class (at most 10), the regimes side by side on the same noises and labels."""
+    K = min(num_classes, 10)
+    idx = torch.cat([torch.nonzero(y == k)[:per_class, 0] for k in range(K)])
+    cols = [images[name][idx].view(K, per_class, *images[name].shape[1:]) for name in images]
+    data.save_grid(torch.cat(cols, 1).flatten(0, 1), per_class * len(cols), path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    print(f"train_refiner: {vars(args)}")
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        die(f"--out {args.out}: cannot create the output folder ({e.strerror})")
+    start = time.perf_counter()
+    teacher, tckpt, teacher_path = get_teacher(args, device)
+    args.teacher = teacher_path
+    teacher_fp = fingerprint(teacher)
+    ds = tckpt["data"]
+    K, size = len(ds["classes"]), ds["image_size"]
+    try:
+        evaluator = load_or_train_classifier(ds["dataset"], ds["data_dir"], size, device)
+    except data.DataError as e:
+        die(str(e))
+    folder = pairs_dir(args, teacher_path, teacher_fp)
+    train_pairs, val = split_pairs(load_pairs(teacher, evaluator, args, folder, K, size, device), args)
+
+    refiner = Refiner(teacher, args.lora_rank, args.lora_alpha).to(device)
+    n_train = sum(p.numel() for p in refiner.parameters() if p.requires_grad)
+    print(f"refiner: {'LoRA rank %d on %d layers' % (args.lora_rank, len(lora_layers(refiner))) if args.lora_rank else 'full fine-tuning'}, "
+          f"{n_train / 1e6:.3f}M trainable parameters; MSD over {args.msd_steps} steps")
+    refiner = train(refiner, teacher, train_pairs, val, args, device, teacher_fp).merge().eval()
+
+    rows, images, y = evaluate_regimes(teacher, refiner, evaluator, args, K, size)
+    print_table(rows, f"held-out noises: {args.eval_n}, {args.eval_steps} DDIM steps; classifier accuracy on "
+                      f"real images {evaluator.test_acc:.3f}")
+    write_json(rows, os.path.join(args.out, "metrics.json"), teacher=teacher_path,
+               classifier_acc=evaluator.test_acc, args=vars(args))
+    write_regime_grid(images, y, K, os.path.join(args.out, "regimes.png"))
+    print(f"wrote {args.out}/metrics.json, {args.out}/regimes.png (columns: {', '.join(images)}); "
+          f"total {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
