@@ -1,0 +1,97 @@
+"""Each data source on a tiny file in its exact real format, and the embedded set."""
+import io
+import os
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+
+
+def test_shapes_is_deterministic_and_balanced():
+    a, b = data.shapes(16, "test"), data.shapes(16, "test")
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert torch.equal(torch.bincount(a.labels), torch.full((10,), 200))
+    assert not torch.equal(a.images[:100], data.shapes(16, "train").images[:100])
+    x, y = a.batch(slice(0, 8))
+    assert x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1 and y.dtype == torch.int64
+
+
+def cifar_batch(n, seed):
+    rng = np.random.default_rng(seed)
+    return {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            b"labels": rng.integers(0, 10, n).tolist()}
+
+
+def write_cifar_archive(path, n=4):
+    with tarfile.open(path, "w:gz") as tar:
+        names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+        for seed, name in enumerate(names):
+            raw = pickle.dumps(cifar_batch(n, seed), protocol=2)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+
+
+def test_cifar10_archive(tmp_path):
+    write_cifar_archive(tmp_path / "cifar-10-python.tar.gz")
+    train = data.load_dataset("cifar10", str(tmp_path), split="train")
+    test = data.load_dataset("cifar10", str(tmp_path), split="test")
+    assert train.images.shape == (20, 3, 32, 32) and len(test) == 4
+    expected = cifar_batch(4, 0)
+    assert torch.equal(train.images[:4].reshape(4, -1), torch.from_numpy(expected[b"data"]))
+    assert train.labels[:4].tolist() == expected[b"labels"]
+
+
+def test_cifar10_missing_archive_says_where_to_put_it(tmp_path):
+    with pytest.raises(data.DataError, match="cifar-10-python.tar.gz"):
+        data.load_dataset("cifar10", str(tmp_path))
+
+
+def test_cifar10_pickle_that_runs_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)]:
+        (folder / name).write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(data.DataError, match="not a CIFAR-10 python batch"):
+        data.load_dataset("cifar10", str(tmp_path))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_imagenet64_npz(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (5, 12288), dtype=np.uint8)
+    np.savez(tmp_path / "train_data_batch_1.npz", data=x, labels=np.array([1, 2, 3, 1000, 5]))
+    ds = data.load_dataset("imagenet64", str(tmp_path))
+    assert ds.images.shape == (5, 3, 64, 64) and ds.labels.tolist() == [0, 1, 2, 999, 4]
+    assert torch.equal(ds.images[1, :, 0, 0], torch.from_numpy(x[1].reshape(3, 64, 64)[:, 0, 0]))
+    np.savez(tmp_path / "train_data_batch_2.npz", images=x)
+    with pytest.raises(data.DataError, match="'data' and 'labels'"):
+        data.load_dataset("imagenet64", str(tmp_path))
+
+
+def test_image_folder(tmp_path):
+    for c, colour in (("cats", (255, 0, 0)), ("dogs", (0, 0, 255))):
+        (tmp_path / c).mkdir()
+        for i in range(10):
+            Image.new("RGB", (20, 24), colour).save(tmp_path / c / f"{i}.png")
+    (tmp_path / "dogs" / "broken.png").write_bytes(b"not a png")
+    train = data.load_dataset("folder", str(tmp_path), image_size=8, split="train")
+    test = data.load_dataset("folder", str(tmp_path), image_size=8, split="test")
+    assert train.classes == ["cats", "dogs"] and train.images.shape[1:] == (3, 8, 8)
+    assert len(train) + len(test) == 20  # the unreadable file is skipped
+    assert train.images[0, 0].float().mean() == 255 and train.images[-1, 2].float().mean() == 255
+
+
+def test_image_folder_with_one_class_is_a_clear_error(tmp_path):
+    (tmp_path / "only").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "only" / "a.png")
+    with pytest.raises(data.DataError, match="at least 2 class"):
+        data.load_dataset("folder", str(tmp_path), image_size=8)

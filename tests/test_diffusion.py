@@ -1,0 +1,119 @@
+"""The diffusion math: noising, the trailing DDIM schedule as an affine map, guided eps, sampling."""
+import math
+
+import torch
+
+import diffusion
+from diffusion import ABAR, ddim_schedule, ddim_timesteps, guided_eps, q_sample, sample
+
+
+def test_schedule_is_linear_betas():
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    assert torch.allclose(ABAR, torch.cumprod(1 - betas, 0))
+    assert ABAR[-1] < 1e-4  # x_999 is almost pure noise
+
+
+def test_q_sample_matches_its_equation():
+    x0, eps = torch.randn(3, 3, 4, 4), torch.randn(3, 3, 4, 4)
+    t = torch.tensor([0, 500, 999])
+    out = q_sample(x0, t, eps)
+    for i, ti in enumerate(t.tolist()):
+        ab = ABAR[ti].item()
+        assert torch.allclose(out[i], math.sqrt(ab) * x0[i] + math.sqrt(1 - ab) * eps[i], atol=1e-6)
+
+
+def test_trailing_timesteps():
+    assert ddim_timesteps(10) == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
+    assert ddim_timesteps(20)[:3] == [999, 949, 899] and ddim_timesteps(20)[-1] == 49
+    assert ddim_timesteps(1000) == list(range(999, -1, -1))
+
+
+def test_coefficients_agree_with_a_plain_ddim_update():
+    """The a_t, b_t of the code against the textbook DDIM (eta = 0) update written out here."""
+    x, eps = torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    ts = ddim_timesteps(7)
+    for (t, a_t, b_t), t_prev in zip(ddim_schedule(7), ts[1:] + [-1]):
+        ab, ab_prev = ABAR[t].item(), (ABAR[t_prev].item() if t_prev >= 0 else 1.0)
+        x0_pred = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
+        plain = math.sqrt(ab_prev) * x0_pred + math.sqrt(1 - ab_prev) * eps
+        assert torch.allclose(a_t * x + b_t * eps, plain, atol=1e-10)
+
+
+class OracleEps(torch.nn.Module):
+    """Returns the very noise used to make x_t from x0: the ideal denoiser for this one x0."""
+    num_classes = 1
+
+    def __init__(self, x0):
+        super().__init__()
+        self.x0 = x0
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t, y, identity_attn=False):
+        ab = ABAR[t].view(-1, 1, 1, 1).to(x.dtype)
+        return (x - ab.sqrt() * self.x0) / (1 - ab).sqrt()
+
+
+def test_ddim_with_oracle_eps_follows_q_sample_and_lands_on_x0():
+    x0 = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    eps = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    model, y = OracleEps(x0), torch.zeros(2, dtype=torch.long)
+    ts = ddim_timesteps(10)
+    x = q_sample(x0, torch.full((2,), 999), eps)
+    for (t, a_t, b_t), t_prev in zip(ddim_schedule(10), ts[1:] + [-1]):
+        x = diffusion.ddim_step(x, model(x, torch.full((2,), t), y), a_t, b_t)
+        expected = q_sample(x0, torch.full((2,), t_prev), eps) if t_prev >= 0 else x0
+        assert torch.allclose(x, expected, atol=1e-8)
+    assert torch.allclose(sample(model, q_sample(x0, torch.full((2,), 999), eps), y, 10), x0, atol=1e-8)
+
+
+class Counting(torch.nn.Module):
+    """eps_c = 1 + y, eps_u = 0 (null label), counting forwards and images."""
+    num_classes = 3
+
+    def __init__(self):
+        super().__init__()
+        self.calls, self.images = 0, 0
+
+    def forward(self, x, t, y, identity_attn=False):
+        self.calls += 1
+        self.images += x.shape[0]
+        value = torch.where(y == self.num_classes, torch.zeros_like(y), 1 + y).float()
+        return torch.ones_like(x) * value.view(-1, 1, 1, 1) + (0.5 if identity_attn else 0.0)
+
+
+def test_cfg_combination_formula():
+    model, x, y = Counting(), torch.zeros(2, 1, 2, 2), torch.tensor([0, 2])
+    eps = guided_eps(model, x, 999, y, w=2.0)
+    # eps_c + w (eps_c - eps_u) = (1 + y) + 2 (1 + y - 0)
+    assert torch.allclose(eps[:, 0, 0, 0], torch.tensor([3.0, 9.0]))
+    assert model.calls == 1 and model.images == 4  # cond and uncond in one batched forward
+    per_sample = guided_eps(model, x, 999, y, w=torch.tensor([0.0, 1.0]))
+    assert torch.allclose(per_sample[:, 0, 0, 0], torch.tensor([1.0, 6.0]))
+
+
+def test_pag_term():
+    model, x, y = Counting(), torch.zeros(1, 1, 2, 2), torch.tensor([1])
+    # eps_c + pag (eps_c - eps_perturbed) = 2 + 3 (2 - 2.5)
+    assert torch.allclose(guided_eps(model, x, 999, y, w=0.0, pag=3.0), torch.full_like(x, 0.5))
+
+
+def test_no_guidance_is_one_forward_per_sample():
+    model = Counting()
+    sample(model, torch.zeros(5, 1, 2, 2), torch.zeros(5, dtype=torch.long), steps=4, w=0.0)
+    assert model.calls == 4 and model.images == 5 * 4
+    model = Counting()
+    sample(model, torch.zeros(5, 1, 2, 2), torch.zeros(5, dtype=torch.long), steps=4, w=1.5)
+    assert model.images == 2 * 5 * 4
+
+
+def test_sampling_is_reproducible(tiny_unet):
+    x_T, y = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)), torch.arange(4)
+    a = sample(tiny_unet, x_T, y, 5, 2.0)
+    b = sample(tiny_unet, x_T.clone(), y, 5, 2.0)
+    assert torch.equal(a, b)
+
+
+def test_predicted_x0_per_step(tiny_unet):
+    x_T, y = torch.randn(2, 3, 8, 8), torch.arange(2)
+    x, x0s = sample(tiny_unet, x_T, y, 5, return_x0=True)
+    assert len(x0s) == 5 and torch.allclose(x0s[-1], x, atol=1e-5)  # the last step lands on its x0
