@@ -125,17 +125,17 @@ def shapes(image_size=16, split="train"):
 
 
 def two_contrasting_colours(rng, n):
-    """A bright foreground (any hue, brightest channel 1) on a dim background (any hue, channels <= 0.4),
-    brightness differing by at least 0.25: the shape, not the colour, is what stands out."""
-    fg = rng.uniform(0.2, 1, (n, 3))
-    fg /= fg.max(axis=1, keepdims=True)
-    bg = rng.uniform(0, 0.4, (n, 3))
+    """A bright foreground (any hue, brightest channel 0.7..1) on a dimmer background (any hue, channels
+    <= 0.6), brightness differing by at least 0.2: the shape stands out, but not always by much."""
+    fg = rng.uniform(0, 1, (n, 3))
+    fg *= rng.uniform(0.7, 1, (n, 1)) / fg.max(axis=1, keepdims=True)
+    bg = rng.uniform(0, 0.6, (n, 3))
     luma = np.array([0.299, 0.587, 0.114])
     for _ in range(100):
-        bad = (fg - bg) @ luma < 0.25
+        bad = (fg - bg) @ luma < 0.2
         if not bad.any():
             break
-        bg[bad] = rng.uniform(0, 0.4, (bad.sum(), 3))
+        bg[bad] = rng.uniform(0, 0.6, (bad.sum(), 3))
     return fg, bg
 
 

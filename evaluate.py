@@ -25,6 +25,7 @@ from checkpoint import FORMAT, die, load_checkpoint, load_teacher, resolve_devic
 from diffusion import sample_many
 
 HELD_OUT_SEED = 987_654_321  # the evaluation noise bank; training noises never use this generator
+CLASSIFIER_STEPS = 600  # enough for >= 99% held-out accuracy on the embedded set (about 30 s on 2 cores)
 
 # ----------------------------------------------------------------------------------------------
 # The classifier
@@ -51,7 +52,7 @@ class Classifier(nn.Module):
         return self.head(self.features(x))
 
 
-def train_classifier(train, test, steps=1500, batch_size=128, seed=0, device="cpu"):
+def train_classifier(train, test, steps=CLASSIFIER_STEPS, batch_size=128, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     clf = Classifier(len(train.classes)).to(device)
@@ -97,7 +98,7 @@ def load_or_train_classifier(dataset, data_dir, image_size, device="cpu"):
         clf.to(device).eval()
     else:
         train = data.load_dataset(dataset, data_dir, image_size, "train")
-        clf, acc = train_classifier(train, test, device=device)
+        clf, acc = train_classifier(train, test, CLASSIFIER_STEPS, device=device)
         save_atomic({"kind": "classifier", "format": FORMAT, "model": clf.state_dict(),
                      "classes": train.classes, "test_acc": acc}, path)
         ckpt = {"test_acc": acc}
@@ -182,6 +183,8 @@ class ForwardCounter:
 
 def run_regime(teacher, evaluator, x_T, y, name, w=0.0, steps=20, refiner=None, batch_size=250):
     """Sample the bank in one regime, time it, count forwards, score it. Returns (row, images)."""
+    n = min(batch_size, len(y))  # warm-up, not timed or counted: allocator and kernels settle first
+    sample_many(teacher, x_T[:n], y[:n], 1, w, batch_size=batch_size, refiner=refiner)
     counter = ForwardCounter(teacher, *([refiner] if refiner is not None else []))
     start = time.perf_counter()
     images = sample_many(teacher, x_T, y, steps, w, batch_size=batch_size, refiner=refiner, desc=name)
