@@ -51,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=1200, help="refiner training steps")
+    p.add_argument("--steps", type=int, default=800, help="refiner training steps")
     p.add_argument("--val-every", type=int, default=200)
     p.add_argument("--eval-n", type=int, default=1000, help="held-out noises in the final table")
     p.add_argument("--eval-steps", type=int, default=20, help="DDIM steps of the final table")
