@@ -66,6 +66,13 @@ def fingerprint(model):
 # ----------------------------------------------------------------------------------------------
 
 
+def make_out_dir(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        die(f"--out {path}: cannot create the output folder ({e.strerror})")
+
+
 def save_atomic(obj, path):
     """torch.save to path.tmp, then rename: readers see the old file or the new one, never half of one."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

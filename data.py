@@ -246,7 +246,8 @@ def imagenet64(data_dir, split="train", image_size=None):
             with np.load(f, allow_pickle=False) as z:
                 data, lab = z["data"], z["labels"]
         except Exception as e:
-            raise DataError(f"{f}: not an ImageNet-64 npz with keys 'data' and 'labels' ({type(e).__name__}: {e})") from None
+            raise DataError(f"{f}: not an ImageNet-64 npz with keys 'data' and 'labels' "
+                            f"({type(e).__name__}: {e})") from None
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 64 * 64 or len(lab) != len(data):
             raise DataError(f"{f}: expected 'data' uint8 (N, 12288) and N 'labels', got {data.dtype} {data.shape}")
         images.append(data.reshape(-1, 3, 64, 64))

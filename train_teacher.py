@@ -16,8 +16,8 @@ import torch
 from tqdm import tqdm
 
 import data
-from checkpoint import (FORMAT, PRESET_NAMES, build_model, die, load_checkpoint, model_config,
-                        resolve_device, save_atomic, seed_everything)
+from checkpoint import (FORMAT, PRESET_NAMES, build_model, die, load_checkpoint, make_out_dir,
+                        model_config, resolve_device, save_atomic, seed_everything)
 from diffusion import sample, training_loss
 
 
@@ -126,10 +126,7 @@ def main(argv=None):
     print(f"train_teacher: {vars(args)}")
     device = resolve_device(args.device)
     seed_everything(args.seed)
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as e:
-        die(f"--out {args.out}: cannot create the output folder ({e.strerror})")
+    make_out_dir(args.out)
     model, ema, opt, gen, step, config, meta, train = setup(args, device)
     print(f"model {config['arch']} with {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
           f"{len(train)} training images of {meta['image_size']}px, {len(meta['classes'])} classes")
@@ -161,7 +158,8 @@ def main(argv=None):
         opt.step()
         update_ema(ema, model, min(args.ema, (1 + step) / (10 + step)))
         step += 1
-        bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{(step - bar.initial) * args.batch_size / (time.perf_counter() - start):.0f}")
+        img_per_s = (step - bar.initial) * args.batch_size / (time.perf_counter() - start)
+        bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{img_per_s:.0f}")
         if step % args.save_every == 0 or step == last:
             save()
         if step % args.grid_every == 0 or step == args.steps:
