@@ -229,7 +229,10 @@ def main():
     torch.manual_seed(args.seed)
     teacher, ckpt = load_teacher(args.teacher, device)
     ds = ckpt["data"]
-    evaluator = load_or_train_classifier(ds["dataset"], ds["data_dir"], ds["image_size"], device)
+    try:
+        evaluator = load_or_train_classifier(ds["dataset"], ds["data_dir"], ds["image_size"], device)
+    except data.DataError as e:
+        die(str(e))
     print(f"classifier held-out accuracy on real images: {evaluator.test_acc:.3f}")
     x_T, y = noise_bank(args.n, len(ds["classes"]), (3, ds["image_size"], ds["image_size"]))
     rows = [run_regime(teacher, evaluator, x_T, y, "unguided", 0.0, args.steps, batch_size=args.batch_size)[0]]

@@ -47,7 +47,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, capsys):
             return (os.system, (f"touch {tmp_path / 'pwned'}",))
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
-        pickle.dump({"kind": "teacher", "payload": Evil()}, f)
+        pickle.dump({"kind": "teacher", "payload": Evil()}, f, protocol=2)
     with pytest.raises(SystemExit) as e:
         load_teacher(str(path))
     assert e.value.code == 2 and "not a readable teacher checkpoint" in capsys.readouterr().err
