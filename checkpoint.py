@@ -4,6 +4,7 @@ A checkpoint is a dict of state dicts plus `args`, `config`, `step` and `format`
 from `config` alone. Files are written to a temporary name and renamed, so a killed run never leaves
 a half-written checkpoint, and read with torch.load(weights_only=True), so a file cannot run code.
 """
+import atexit
 import dataclasses
 import hashlib
 import os
@@ -67,10 +68,45 @@ def fingerprint(model):
 
 
 def make_out_dir(path):
+    """Create --out and lock it for this process: a second run into the same folder is refused, not
+    interleaved. A lock left behind by a killed run (its process is gone) is taken over."""
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
         die(f"--out {path}: cannot create the output folder ({e.strerror})")
+    lock = os.path.join(path, ".lock")
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            pid = lock_owner(lock)
+            if pid == os.getpid():
+                return
+            if pid is not None and process_alive(pid):
+                die(f"--out {path}: another run (pid {pid}) is writing there; wait for it or choose another --out")
+            os.remove(lock)  # stale: its run was killed
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        atexit.register(lambda: lock_owner(lock) == os.getpid() and os.remove(lock))
+        return
+
+
+def lock_owner(lock):
+    try:
+        return int(open(lock).read())
+    except (OSError, ValueError):
+        return None
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def save_atomic(obj, path):

@@ -51,3 +51,21 @@ def test_bad_input_gives_one_clear_line(files, argv, message):
     assert result.returncode == 2, result.stderr
     assert len(err) == 1 and err[0].startswith("error: ") and message.format(t=files) in err[0], err
     assert "Traceback" not in result.stderr
+
+
+def test_a_second_run_into_the_same_out_is_refused_and_a_stale_lock_taken_over(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        (out / ".lock").write_text(str(alive.pid))
+        result = run("train_teacher.py", "--steps", "1", "--out", str(out), cwd=tmp_path)
+        assert result.returncode == 2 and f"another run (pid {alive.pid})" in result.stderr
+    finally:
+        alive.kill()
+        alive.wait()
+    (out / ".lock").write_text(str(alive.pid))  # its process is gone now: a killed run's lock
+    result = run("train_teacher.py", "--steps", "1", "--batch-size", "4", "--grid-every", "1000",
+                 "--out", str(out), "--device", "cpu", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (out / "ckpt.pt").exists() and not (out / ".lock").exists()
