@@ -14,6 +14,7 @@ import torch
 
 import dit
 import unet
+from noiserefine import Refiner
 
 FORMAT = 1  # bump when the checkpoint layout changes
 
@@ -140,6 +141,24 @@ def load_teacher(path, device="cpu", flag="--teacher"):
     model.load_state_dict(ckpt["ema"])
     model.requires_grad_(False)
     return model.to(device).eval(), ckpt
+
+
+def load_refiner_ckpt(path, teacher_fp, flag="--refiner"):
+    ckpt = load_checkpoint(path, "refiner", flag)
+    if ckpt["teacher_fingerprint"] != teacher_fp:
+        die(f"{flag} {path} was trained on teacher {ckpt['teacher_fingerprint']}, but this teacher is "
+            f"{teacher_fp}; pass the teacher it was trained on (--teacher)")
+    return ckpt
+
+
+def load_refiner(path, teacher, device="cpu", flag="--refiner"):
+    """A trained refiner (best validation weights, LoRA merged) for the given teacher."""
+    ckpt = load_refiner_ckpt(path, fingerprint(teacher), flag)
+    refiner = Refiner(teacher, ckpt["rank"], ckpt["alpha"])
+    unexpected = refiner.load_state_dict(ckpt["best"], strict=False).unexpected_keys
+    if unexpected:
+        die(f"{flag} {path}: weights do not fit this teacher ({unexpected[0]} ...)")
+    return refiner.merge().to(device).eval()
 
 
 def resolve_device(name):

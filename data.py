@@ -39,12 +39,17 @@ class ImageSet:
 
     def batch(self, idx):
         """Images in [-1, 1] (float32) and labels for the given indices."""
-        return self.images[idx].float() / 127.5 - 1, self.labels[idx]
+        return to_float(self.images[idx]), self.labels[idx]
 
 
 def to_uint8(x):
-    """[-1, 1] float -> uint8, the inverse of ImageSet.batch."""
+    """[-1, 1] float -> uint8 (what a PNG holds)."""
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def to_float(x):
+    """uint8 -> [-1, 1] float32, the inverse of to_uint8."""
+    return x.float() / 127.5 - 1
 
 
 def load_dataset(name, data_dir="data", image_size=None, split="train", download=False):

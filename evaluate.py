@@ -140,7 +140,7 @@ class Evaluator:
 
     def score(self, images, labels):
         """images in [-1, 1] (N, 3, H, W), intended labels (N,) -> class_acc, fd_cls, is_cls."""
-        images = data.to_uint8(images).float() / 127.5 - 1  # score what a saved PNG would hold
+        images = data.to_float(data.to_uint8(images))  # score what a saved PNG would hold
         feats = predict(self.clf, images, self.device, features=True)
         with torch.no_grad():
             probs = self.clf.head(feats.to(self.device)).softmax(1).cpu()

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 import data
-from checkpoint import die, load_teacher, resolve_device, seed_everything
+from checkpoint import die, load_refiner, load_teacher, resolve_device, seed_everything
 from diffusion import sample_many
 
 
@@ -46,7 +46,6 @@ def main(argv=None):
         die(f"--labels must lie in 0..{K - 1}")
     refiner = None
     if args.refiner:
-        from train_refiner import load_refiner
         refiner = load_refiner(args.refiner, teacher, device)
     y = torch.tensor(labels).repeat_interleave(args.per_label)
     x_T = torch.randn((len(y), 3, size, size), generator=torch.Generator().manual_seed(args.seed))

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import data
 import train_teacher
-from checkpoint import (FORMAT, die, fingerprint, load_checkpoint, load_teacher, make_out_dir,
+from checkpoint import (FORMAT, die, fingerprint, load_checkpoint, load_refiner_ckpt, load_teacher, make_out_dir,
                         resolve_device, save_atomic, seed_everything)
 from diffusion import sample_many
 from evaluate import load_or_train_classifier, noise_bank, print_table, run_regime, write_json
@@ -123,7 +123,7 @@ def make_shard(teacher, evaluator, index, args, num_classes, image_size):
     w = lo + (hi - lo) * torch.rand(n, generator=gen)  # random scales reduce one scale's bias (§3.3)
     x0_guide = sample_many(teacher, x_T, y, args.guide_steps, w, args.pag)
     x0_guide = data.to_uint8(x0_guide)  # what a guided image is: 8 bits; also 4x smaller on disk
-    conf = evaluator.confidence(x0_guide.float() / 127.5 - 1, y)
+    conf = evaluator.confidence(data.to_float(x0_guide), y)
     return {"x_T": x_T, "y": y, "w": w, "x0_guide": x0_guide, "conf": conf}
 
 
@@ -156,7 +156,7 @@ def split_pairs(pairs, args):
 
 
 def batch_of(pairs, idx, device):
-    x0_guide = pairs["x0_guide"][idx].float() / 127.5 - 1
+    x0_guide = data.to_float(pairs["x0_guide"][idx])
     return pairs["x_T"][idx].to(device), pairs["y"][idx].to(device), x0_guide.to(device)
 
 
@@ -221,24 +221,6 @@ def train(refiner, teacher, train_pairs, val, args, device, teacher_fp):
             tqdm.write(f"step {step}: validation L_MSD/prod(a)^2 {val_loss / scale:.4e} (best {best / scale:.4e})")
     refiner.load_state_dict(best_state, strict=False)
     return refiner
-
-
-def load_refiner_ckpt(path, teacher_fp, flag="--refiner"):
-    ckpt = load_checkpoint(path, "refiner", flag)
-    if ckpt["teacher_fingerprint"] != teacher_fp:
-        die(f"{flag} {path} was trained on teacher {ckpt['teacher_fingerprint']}, but this teacher is "
-            f"{teacher_fp}; pass the teacher it was trained on (--teacher)")
-    return ckpt
-
-
-def load_refiner(path, teacher, device="cpu", flag="--refiner"):
-    """A trained refiner (best validation weights, LoRA merged) for the given teacher."""
-    ckpt = load_refiner_ckpt(path, fingerprint(teacher), flag)
-    refiner = Refiner(teacher, ckpt["rank"], ckpt["alpha"])
-    unexpected = refiner.load_state_dict(ckpt["best"], strict=False).unexpected_keys
-    if unexpected:
-        die(f"{flag} {path}: weights do not fit this teacher ({unexpected[0]} ...)")
-    return refiner.merge().to(device).eval()
 
 
 # ----------------------------------------------------------------------------------------------

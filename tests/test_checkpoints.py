@@ -6,10 +6,9 @@ import pytest
 import torch
 
 import train_teacher
-from checkpoint import FORMAT, build_model, fingerprint, load_teacher, save_atomic
+from checkpoint import FORMAT, build_model, fingerprint, load_refiner, load_teacher, save_atomic
 from conftest import tiny_model
 from noiserefine import Refiner
-from train_refiner import load_refiner
 
 COMMON = ["--steps", "6", "--batch-size", "8", "--warmup", "2", "--grid-every", "1000",
           "--save-every", "1000", "--device", "cpu", "--seed", "3"]
