@@ -201,20 +201,32 @@ def cifar10(data_dir, split="train", download=False, image_size=None):
 
 
 def read_from_tar(archive, members):
-    """Read members straight from the archive: nothing is extracted, so no member can write outside it."""
+    """Read members straight from the archive: nothing is extracted, so no member can write outside it.
+    An archive that holds a member with an absolute path, a `..` or a link is refused all the same: the
+    real CIFAR-10 archive has none, so one that does was not made by its authors."""
     try:
         with tarfile.open(archive, "r:gz") as tar:
+            for info in tar.getmembers():
+                if unsafe_member(info):
+                    raise DataError(f"{archive}: refusing an archive with the unsafe member {info.name!r} "
+                                    "(absolute path, '..' or a link)")
             out = []
+            names = set(tar.getnames())
             for m in members:
+                if m not in names:
+                    raise DataError(f"{archive}: not the CIFAR-10 python archive (no member {m})")
                 info = tar.getmember(m)
                 if not info.isfile():
                     raise DataError(f"{archive}: member {m} is not a regular file")
                 out.append((tar.extractfile(info).read(), f"{archive}:{m}"))
             return out
-    except KeyError as e:
-        raise DataError(f"{archive}: not the CIFAR-10 python archive (no member {e})") from None
     except (tarfile.TarError, EOFError, OSError) as e:
         raise DataError(f"{archive}: not a readable tar.gz archive ({type(e).__name__}: {e})") from None
+
+
+def unsafe_member(info):
+    parts = info.name.replace("\\", "/").split("/")
+    return info.name.startswith(("/", "\\")) or ".." in parts or info.issym() or info.islnk()
 
 
 def fetch(url, path, md5):

@@ -181,8 +181,6 @@ def train(refiner, teacher, train_pairs, val, args, device, teacher_fp):
     step, best, best_state = 0, float("inf"), refiner.trainable_state()
     path = os.path.join(args.out, "ckpt.pt")
     if args.resume:
-        if not os.path.isfile(path):
-            die(f"--resume: no checkpoint at {path} (--out {args.out})")
         ckpt = load_refiner_ckpt(path, teacher_fp, "--resume")
         refiner.load_state_dict(ckpt["state"], strict=False)
         opt.load_state_dict(ckpt["opt"])
@@ -257,6 +255,8 @@ def main(argv=None):
     device = resolve_device(args.device)
     seed_everything(args.seed)
     make_out_dir(args.out)
+    if args.resume and not os.path.isfile(os.path.join(args.out, "ckpt.pt")):  # say so before the slow parts
+        die(f"--resume: no checkpoint at {os.path.join(args.out, 'ckpt.pt')} (--out {args.out})")
     start = time.perf_counter()
     teacher, tckpt, teacher_path = get_teacher(args, device)
     args.teacher = teacher_path

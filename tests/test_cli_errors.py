@@ -1,10 +1,17 @@
 """Bad input to the real command-line entry points ends in one line, `error: ...`, and exit status 2."""
 import os
+import pickle
 import subprocess
 import sys
+import tarfile
 
 import numpy as np
 import pytest
+from PIL import Image
+
+from checkpoint import FORMAT, fingerprint, save_atomic
+from conftest import tiny_model
+from noiserefine import Refiner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -14,13 +21,50 @@ def run(script, *args, cwd):
                           capture_output=True, text=True, timeout=120)
 
 
-@pytest.fixture
-def files(tmp_path):
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "garbage.pt").write_bytes(b"this is not a checkpoint")
-    (tmp_path / "a_file").write_text("x")
-    np.savez(tmp_path / "empty" / "val_data.npz", images=np.zeros((2, 5), np.uint8))
-    return tmp_path
+def write_teacher(path, seed):
+    model = tiny_model("unet", seed=seed)
+    save_atomic({"kind": "teacher", "format": FORMAT, "config": model.config.__dict__, "ema": model.state_dict(),
+                 "data": {"dataset": "shapes", "data_dir": "data", "image_size": 8, "classes": list("abcd")}},
+                str(path))
+    return model
+
+
+def make_bad_files(t):
+    """One folder of bad inputs, each a real file of the wrong kind."""
+    (t / "empty").mkdir()
+    (t / "garbage.pt").write_bytes(b"this is not a checkpoint")
+    (t / "a_file").write_text("x")
+    np.savez(t / "empty" / "val_data.npz", images=np.zeros((2, 5), np.uint8))
+    (t / "wrongtar").mkdir()
+    with tarfile.open(t / "wrongtar" / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(t / "a_file", arcname="something/else.txt")
+    (t / "cut" / "cifar-10-batches-py").mkdir(parents=True)
+    raw = pickle.dumps({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 3]}, protocol=2)
+    for i in range(1, 6):
+        (t / "cut" / "cifar-10-batches-py" / f"data_batch_{i}").write_bytes(raw[:len(raw) // 2])
+    for name, arrays in (("npzkeys", {"images": np.zeros((2, 12288), np.uint8)}),
+                         ("npzshape", {"data": np.zeros((2, 5), np.uint8), "labels": np.ones(2)})):
+        (t / name).mkdir()
+        np.savez(t / name / "train_data_batch_1.npz", **arrays)
+    (t / "noimages" / "cats").mkdir(parents=True)
+    (t / "noimages" / "dogs").mkdir()
+    (t / "noimages" / "dogs" / "notes.txt").write_text("no images here")
+    (t / "oneclass" / "only").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(t / "oneclass" / "only" / "a.png")
+    teacher = write_teacher(t / "teacher.pt", seed=0)
+    (t / "teacher_cut.pt").write_bytes((t / "teacher.pt").read_bytes()[:300])
+    save_atomic({"kind": "teacher", "format": FORMAT + 1}, str(t / "teacher_v2.pt"))
+    other = write_teacher(t / "other_teacher.pt", seed=1)
+    refiner = Refiner(other, 0)
+    save_atomic({"kind": "refiner", "format": FORMAT, "teacher_fingerprint": fingerprint(other), "rank": 0,
+                 "alpha": 0, "best": refiner.trainable_state()}, str(t / "other_refiner.pt"))
+    assert fingerprint(teacher) != fingerprint(other)
+    return t
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return make_bad_files(tmp_path_factory.mktemp("bad"))
 
 
 CASES = [
@@ -41,6 +85,21 @@ CASES = [
     (("sample.py", "--teacher", "{t}/garbage.pt"), "not a readable teacher checkpoint"),
     (("sample.py", "--w", "-2"), "--w must be >= 0"),
     (("evaluate.py", "--teacher", "{t}/missing.pt"), "no such file"),
+    (("train_teacher.py", "--dataset", "cifar10", "--data-dir", "{t}/wrongtar"), "not the CIFAR-10 python archive"),
+    (("train_teacher.py", "--dataset", "cifar10", "--data-dir", "{t}/cut"), "not a CIFAR-10 python batch"),
+    (("train_teacher.py", "--dataset", "cifar10", "--image-size", "64"), "CIFAR-10 images are 32x32"),
+    (("train_teacher.py", "--dataset", "imagenet64", "--data-dir", "{t}/npzkeys"), "keys 'data' and 'labels'"),
+    (("train_teacher.py", "--dataset", "imagenet64", "--data-dir", "{t}/npzshape"), "expected 'data' uint8 (N, 12288)"),
+    (("train_teacher.py", "--dataset", "folder", "--data-dir", "{t}/noimages"), "need at least 2 class folders"),
+    (("train_teacher.py", "--dataset", "folder", "--data-dir", "{t}/oneclass"), "found 1"),
+    (("sample.py", "--teacher", "{t}/teacher_cut.pt"), "not a readable teacher checkpoint"),
+    (("sample.py", "--teacher", "{t}/teacher_v2.pt"), "checkpoint format 2 but this code reads format 1"),
+    (("sample.py", "--teacher", "{t}/teacher.pt", "--refiner", "{t}/other_refiner.pt"), "was trained on teacher"),
+    (("sample.py", "--teacher", "{t}/teacher.pt", "--refiner", "{t}/teacher.pt"), "expected a refiner checkpoint"),
+    (("sample.py", "--steps", "0"), "--steps and --per-label >= 1"),
+    (("train_refiner.py", "--teacher", "{t}/teacher.pt", "--resume", "--out", "{t}/empty"), "--resume: no checkpoint"),
+    (("train_refiner.py", "--lora-rank", "-1"), "--lora-rank must be >= 0"),
+    (("train_refiner.py", "--teacher", "{t}/teacher.pt", "--device", "cuda"), "CUDA is not available"),
 ]
 
 

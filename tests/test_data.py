@@ -1,4 +1,5 @@
 """Each data source on a tiny file in its exact real format, and the embedded set."""
+import hashlib
 import io
 import os
 import pickle
@@ -95,3 +96,34 @@ def test_image_folder_with_one_class_is_a_clear_error(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "only" / "a.png")
     with pytest.raises(data.DataError, match="at least 2 class"):
         data.load_dataset("folder", str(tmp_path), image_size=8)
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink", "hardlink"])
+def test_an_archive_with_a_member_that_leaves_the_folder_is_refused(tmp_path, kind):
+    write_cifar_archive(tmp_path / "good.tar.gz")
+    archive = tmp_path / "data" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(tmp_path / "good.tar.gz") as good, tarfile.open(archive, "w:gz") as tar:
+        for info in good.getmembers():  # all the real members, then one hostile one
+            tar.addfile(info, good.extractfile(info))
+        evil = tarfile.TarInfo({"dotdot": "cifar-10-batches-py/../../evil", "absolute": "/tmp/evil"}.get(kind, "x"))
+        if kind in ("symlink", "hardlink"):
+            evil.type = tarfile.SYMTYPE if kind == "symlink" else tarfile.LNKTYPE
+            evil.linkname = "/etc/passwd"
+        tar.addfile(evil, io.BytesIO(b""))
+    with pytest.raises(data.DataError, match="unsafe member"):
+        data.load_dataset("cifar10", str(tmp_path / "data"))
+    assert sorted(os.listdir(tmp_path / "data")) == ["cifar-10-python.tar.gz"]  # nothing was written
+    assert not os.path.exists(tmp_path / "evil")
+
+
+def test_download_with_a_wrong_md5_deletes_the_partial_file(tmp_path):
+    source = tmp_path / "served.tar.gz"
+    write_cifar_archive(source)
+    target = tmp_path / "data" / "cifar-10-python.tar.gz"
+    with pytest.raises(data.DataError, match="expected 0+; the partial file was deleted"):
+        data.fetch(source.as_uri(), str(target), "0" * 32)
+    assert os.listdir(tmp_path / "data") == []
+    md5 = hashlib.md5(source.read_bytes()).hexdigest()
+    data.fetch(source.as_uri(), str(target), md5)  # the right MD5: kept, and readable
+    assert len(data.load_dataset("cifar10", str(tmp_path / "data"), split="test")) == 4
