@@ -31,13 +31,17 @@ def q_sample(x0, t, eps):
     return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
 
 
-def training_loss(model, x0, y, null_class, cond_drop=0.1, generator=None):
+def training_loss(model, x0, y, null_class, cond_drop=0.1, generator=None, part=slice(None)):
     """Eps-prediction loss with condition dropout: a label becomes the null class with prob. cond_drop,
-    so that the same network also gives eps_u for CFG."""
+    so that the same network also gives eps_u for CFG.
+
+    t, eps and the dropout are drawn for the whole batch, and only the rows `part` are computed: each of
+    K processes takes its K-th of one global batch and together they compute what one process would."""
     B, dev = x0.shape[0], generator.device if generator is not None else x0.device
-    t = torch.randint(0, T, (B,), generator=generator, device=dev).to(x0.device)
-    eps = torch.randn(x0.shape, generator=generator, device=dev).to(x0.device)
-    drop = torch.rand(B, generator=generator, device=dev).to(x0.device) < cond_drop
+    t = torch.randint(0, T, (B,), generator=generator, device=dev)[part].to(x0.device)
+    eps = torch.randn(x0.shape, generator=generator, device=dev)[part].to(x0.device)
+    drop = (torch.rand(B, generator=generator, device=dev) < cond_drop)[part].to(x0.device)
+    x0, y = x0[part], y[part]
     y = torch.where(drop, torch.full_like(y, null_class), y)
     return ((model(q_sample(x0, t, eps), t, y) - eps) ** 2).mean()
 

@@ -1,11 +1,13 @@
 """Train the NoiseRefine refiner g_phi with the MSD loss, then compare regimes on held-out noises.
 
     python train_refiner.py        # the whole job on the embedded set: teacher, pairs, refiner, table
+    torchrun --standalone --nproc_per_node=4 train_refiner.py --device cuda ...  # pairs made by 4 GPUs
 
 1. Teacher: --teacher CKPT, or (default) runs/teacher/ckpt.pt, trained first if it is not there.
 2. Guided pairs (x_T, c, x0_guide): N' guided DDIM steps from Gaussian x_T, a CFG scale drawn per pair
    from --w-range, optional PAG; cached in shards next to the teacher (written atomically, so an
-   interrupted generation resumes from the last whole shard). --filter keeps pairs whose x0_guide the
+   interrupted generation resumes from the last whole shard). Under torchrun each process makes its share
+   of the shards; the refiner then trains on rank 0 alone. --filter keeps pairs whose x0_guide the
    evaluator's classifier assigns to its label with at least that confidence (the paper's aesthetic filter).
 3. Refiner: LoRA (or full fine-tuning, --lora-rank 0) on a copy of the teacher, trained with L_MSD over
    --msd-steps unguided DDIM steps; the checkpoint with the best validation loss is kept.
@@ -23,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import distributed
 import train_teacher
 from checkpoint import (FORMAT, die, fingerprint, load_checkpoint, load_refiner_ckpt, load_teacher, make_out_dir,
                         resolve_device, save_atomic, seed_everything)
@@ -127,19 +130,35 @@ def make_shard(teacher, evaluator, index, args, num_classes, image_size):
     return {"x_T": x_T, "y": y, "w": w, "x0_guide": x0_guide, "conf": conf}
 
 
-def load_pairs(teacher, evaluator, args, folder, num_classes, image_size):
-    """All args.pairs pairs: whole shards from the cache, missing ones generated and written atomically."""
+def shard_paths(args, folder):
+    return [os.path.join(folder, f"shard_{i:05d}.pt") for i in range(math.ceil(args.pairs / shard_size(args)))]
+
+
+def make_pairs(teacher, evaluator, args, folder, num_classes, image_size, rank=0, world=1):
+    """Generate the shards missing from the cache, each written atomically. Under torchrun, process r
+    makes shards r, r + world, ...; since a shard depends only on its index, the union is the same."""
     os.makedirs(folder, exist_ok=True)
+    paths = shard_paths(args, folder)
+    for i in tqdm(range(rank, len(paths), world), desc="guided pairs", disable=rank > 0):
+        if not os.path.isfile(paths[i]):  # a shard exists only once it was written whole (rename)
+            save_atomic(make_shard(teacher, evaluator, i, args, num_classes, image_size), paths[i])
+    distributed.barrier()
+
+
+def read_pairs(args, folder):
     shards = []
-    for i in tqdm(range(math.ceil(args.pairs / shard_size(args))), desc="guided pairs"):
-        path = os.path.join(folder, f"shard_{i:05d}.pt")
-        if not os.path.isfile(path):  # a shard exists only once it was written whole (rename)
-            save_atomic(make_shard(teacher, evaluator, i, args, num_classes, image_size), path)
+    for path in shard_paths(args, folder):
         try:
             shards.append(torch.load(path, map_location="cpu", weights_only=True))
         except Exception as e:
             die(f"pair cache {path} is unreadable ({type(e).__name__}); delete it to regenerate")
     return {k: torch.cat([s[k] for s in shards])[:args.pairs] for k in shards[0]}
+
+
+def load_pairs(teacher, evaluator, args, folder, num_classes, image_size):
+    """All args.pairs pairs (one process): whole shards from the cache, missing ones generated."""
+    make_pairs(teacher, evaluator, args, folder, num_classes, image_size)
+    return read_pairs(args, folder)
 
 
 def split_pairs(pairs, args):
@@ -251,10 +270,11 @@ def write_regime_grid(images, y, num_classes, path, per_class=6):
 
 def main(argv=None):
     args = parse_args(argv)
-    print(f"train_refiner: {vars(args)}")
-    device = resolve_device(args.device)
+    rank, world, device = distributed.init(resolve_device(args.device))
+    if rank == 0:
+        print(f"train_refiner: {vars(args)}")
+        make_out_dir(args.out)
     seed_everything(args.seed)
-    make_out_dir(args.out)
     if args.resume and not os.path.isfile(os.path.join(args.out, "ckpt.pt")):  # say so before the slow parts
         die(f"--resume: no checkpoint at {os.path.join(args.out, 'ckpt.pt')} (--out {args.out})")
     start = time.perf_counter()
@@ -263,12 +283,17 @@ def main(argv=None):
     teacher_fp = fingerprint(teacher)
     ds = tckpt["data"]
     K, size = len(ds["classes"]), ds["image_size"]
-    try:
-        evaluator = load_or_train_classifier(ds["dataset"], ds["data_dir"], size, device)
+    try:  # rank 0 trains and caches the classifier; the other ranks then read it
+        evaluator = distributed.main_first(lambda: load_or_train_classifier(ds["dataset"], ds["data_dir"], size,
+                                                                            device))
     except data.DataError as e:
         die(str(e))
     folder = pairs_dir(args, teacher_path, teacher_fp)
-    train_pairs, val = split_pairs(load_pairs(teacher, evaluator, args, folder, K, size), args)
+    make_pairs(teacher, evaluator, args, folder, K, size, rank, world)
+    distributed.finish()  # the rest runs in one process
+    if rank > 0:
+        return
+    train_pairs, val = split_pairs(read_pairs(args, folder), args)
 
     refiner = Refiner(teacher, args.lora_rank, args.lora_alpha).to(device)
     n_train = sum(p.numel() for p in refiner.parameters() if p.requires_grad)
@@ -289,3 +314,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    distributed.finish()

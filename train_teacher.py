@@ -2,6 +2,7 @@
 
     python train_teacher.py                      # the CPU default: unet-tiny on the embedded shapes
     python train_teacher.py --dataset cifar10 --data-dir data --model unet-cifar --device cuda
+    torchrun --standalone --nproc_per_node=4 train_teacher.py ...   # DDP: --batch-size is the global batch
 
 Writes --out/ckpt.pt (atomically) and --out/samples_<step>.png: one row per class, unguided samples
 on the left, CFG samples on the right. --resume continues exactly where the checkpoint stopped.
@@ -16,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import distributed
 from checkpoint import (FORMAT, PRESET_NAMES, build_model, die, load_checkpoint, make_out_dir,
                         model_config, resolve_device, save_atomic, seed_everything)
 from diffusion import sample, training_loss
@@ -28,7 +30,7 @@ def parse_args(argv=None):
     p.add_argument("--download", action="store_true", help="cifar10: fetch the archive if missing")
     p.add_argument("--model", default="unet-tiny", choices=PRESET_NAMES)
     p.add_argument("--image-size", type=int, default=None, help="default: the preset's size")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128, help="global batch (split over torchrun's processes)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
     p.add_argument("--warmup", type=int, default=200, help="linear warm-up steps, then cosine decay")
     p.add_argument("--steps", type=int, default=2500, help="total training steps")
@@ -110,64 +112,78 @@ def setup(args, device):
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
-    step = 0
+    step, losses = 0, []
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
         gen.set_state(ckpt["rng"]["gen"])
         torch.set_rng_state(ckpt["rng"]["torch"])
-        step = ckpt["step"]
-    return model, ema, opt, gen, step, config, meta, train
+        step, losses = ckpt["step"], ckpt.get("losses", [])
+    return model, ema, opt, gen, step, losses, config, meta, train
 
 
 def main(argv=None):
     args = parse_args(argv)
-    print(f"train_teacher: {vars(args)}")
-    device = resolve_device(args.device)
-    seed_everything(args.seed)
-    make_out_dir(args.out)
-    model, ema, opt, gen, step, config, meta, train = setup(args, device)
-    print(f"model {config['arch']} with {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
-          f"{len(train)} training images of {meta['image_size']}px, {len(meta['classes'])} classes")
-    net = torch.compile(model) if args.compile else model
+    rank, world, device = distributed.init(resolve_device(args.device))
+    if args.batch_size % world:
+        die(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
+    log = print if rank == 0 else (lambda *a, **k: None)
+    log(f"train_teacher: {vars(args)}")
+    seed_everything(args.seed)  # the same on every rank: same initial weights, same batches
+    if rank == 0:
+        make_out_dir(args.out)
+    distributed.barrier()
+    model, ema, opt, gen, step, losses, config, meta, train = setup(args, device)
+    log(f"model {config['arch']} with {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
+        f"{len(train)} training images of {meta['image_size']}px, {len(meta['classes'])} classes"
+        + (f"; {world} processes, {args.batch_size // world} images each per step" if world > 1 else ""))
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model  # averages gradients
+    net = torch.compile(net) if args.compile else net
+    mine = slice(rank * args.batch_size // world, (rank + 1) * args.batch_size // world)  # this rank's rows
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
     null_class = len(meta["classes"])
     last = min(args.steps, args.stop_at or args.steps)
 
     def save():
+        if rank > 0:
+            return
         save_atomic({"kind": "teacher", "format": FORMAT, "config": config, "data": meta,
                      "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                     "step": step, "args": vars(args),
+                     "step": step, "losses": losses, "args": vars(args),
                      "rng": {"gen": gen.get_state(), "torch": torch.get_rng_state()}},
                     os.path.join(args.out, "ckpt.pt"))
 
-    bar = tqdm(range(step, last), initial=step, total=args.steps, desc="teacher")
-    start = time.perf_counter()
+    bar = tqdm(range(step, last), initial=step, total=args.steps, desc="teacher", disable=rank > 0)
+    start, first = time.perf_counter(), step
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
-        x0, y = train.batch(torch.randint(len(train), (args.batch_size,), generator=gen))
+        x0, y = train.batch(torch.randint(len(train), (args.batch_size,), generator=gen))  # the global batch
         with amp:
-            loss = training_loss(net, x0.to(device), y.to(device), null_class, args.cond_drop, gen)
-        if not torch.isfinite(loss):
-            die(f"loss is {loss.item()} at step {step}; the last good checkpoint is kept in {args.out}")
+            loss = training_loss(net, x0.to(device), y.to(device), null_class, args.cond_drop, gen, mine)
+        global_loss = distributed.mean_over_ranks(loss).item()  # the global batch's loss; every rank agrees
+        if not math.isfinite(global_loss):
+            die(f"loss is {global_loss} at step {step}; the last good checkpoint is kept in {args.out}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         update_ema(ema, model, min(args.ema, (1 + step) / (10 + step)))
+        losses.append(global_loss)
         step += 1
-        img_per_s = (step - bar.initial) * args.batch_size / (time.perf_counter() - start)
-        bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{img_per_s:.0f}")
+        img_per_s = (step - first) * args.batch_size / (time.perf_counter() - start)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", img_s=f"{img_per_s:.0f}")
         if step % args.save_every == 0 or step == last:
             save()
-        if step % args.grid_every == 0 or step == args.steps:
+        if rank == 0 and (step % args.grid_every == 0 or step == args.steps):
             write_grid(ema.eval(), meta["classes"], meta["image_size"], args.grid_w,
                        os.path.join(args.out, f"samples_{step:06d}.png"), seed=args.seed)
-    print(f"done: step {step}, checkpoint {os.path.join(args.out, 'ckpt.pt')}, "
-          f"{time.perf_counter() - start:.0f} s")
+    log(f"done: step {step}, checkpoint {os.path.join(args.out, 'ckpt.pt')}, "
+        f"{time.perf_counter() - start:.0f} s")
+    distributed.barrier()  # no rank leaves before rank 0 has written the checkpoint
 
 
 if __name__ == "__main__":
     main()
+    distributed.finish()
