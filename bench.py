@@ -1,0 +1,400 @@
+"""Measured speed and memory: sampling regimes, the MSD loss against full backprop, teacher training.
+
+    python bench.py                      # CPU: the tiny presets, every part (about 10 minutes on 2 cores)
+    python bench.py --quick              # the same tables, fewer rows (under 3 minutes on 2 cores)
+    python bench.py --device cuda --models dit-cifar unet-cifar --json bench.json
+
+Networks have random weights: timing needs no data set and no training. Every number is measured:
+a warm-up run first, then --repeats timed runs, the median reported (CUDA: synchronised around the
+timed region). Forwards per image are counted by a hook on the networks, not assumed.
+
+Peak memory is the memory the work itself needs: on CUDA torch.cuda.max_memory_allocated minus what was
+allocated once the networks and inputs were in place; on CPU each configuration runs in its own
+subprocess and reports its peak RSS minus its RSS at that same point (the peak is reset there through
+/proc/self/clear_refs, so loading does not count).
+
+The paper's promises measured here: NoiseRefine samples with N + 1 forwards instead of CFG's 2N (speed-up
+limit 2N / (N + 1)); L_MSD needs no backward through the N teacher calls (on paper (2N + 3) / (N + 3)
+forward-equivalents less work than full backprop, and memory for one network instead of N + 1).
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from checkpoint import PRESET_NAMES, build_model, die, model_config, resolve_device
+from diffusion import sample, training_loss
+from evaluate import ForwardCounter
+from noiserefine import Refiner, full_loss, msd_loss
+
+REGIMES = ("unguided", "cfg", "refined")
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer rows, same layout (<= 3 min on a 2-core CPU)")
+    p.add_argument("--models", nargs="+", default=None, help="presets for sampling and MSD (default: tiny ones)")
+    p.add_argument("--steps", type=int, nargs="+", default=None, help="DDIM steps (default: 10 20 50)")
+    p.add_argument("--batch-size", type=int, default=None, help="sampling and MSD batch (CPU 64, CUDA 256)")
+    p.add_argument("--msd-steps", type=int, nargs="+", default=None, help="N of the MSD part (default: 5 10 20)")
+    p.add_argument("--msd-batch", type=int, default=None, help="refiner training batch (CPU 32, CUDA 64)")
+    p.add_argument("--teacher-models", nargs="+", default=None, help="presets of the teacher part (default: all)")
+    p.add_argument("--teacher-batch", type=int, default=None, help="teacher training batch (CPU 16, CUDA 128)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per row (default 3, quick 2)")
+    p.add_argument("--compile", action="store_true", help="CUDA: also time teacher training with torch.compile")
+    p.add_argument("--channels-last", action="store_true", help="CUDA: UNet teacher rows also in channels-last")
+    p.add_argument("--json", default=None, help="write the tables here")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one isolated CPU row (internal)
+    args = p.parse_args(argv)
+    cuda = resolve_device(args.device).startswith("cuda")
+    args.models = args.models or ["unet-tiny", "dit-tiny"]
+    args.steps = args.steps or ([20] if args.quick else [10, 20, 50])
+    args.batch_size = args.batch_size or (256 if cuda else 64)
+    args.msd_steps = args.msd_steps or ([5, 10] if args.quick else [5, 10, 20])
+    args.msd_batch = args.msd_batch or (64 if cuda else 32)
+    args.teacher_models = args.teacher_models or (["unet-tiny", "dit-tiny"] if args.quick else PRESET_NAMES)
+    args.teacher_batch = args.teacher_batch or (128 if cuda else 16)
+    args.repeats = args.repeats or (2 if args.quick else 3)
+    for name in args.models + args.teacher_models:
+        if name not in PRESET_NAMES:
+            die(f"--models/--teacher-models {name!r} is not one of {', '.join(PRESET_NAMES)}")
+    if min(args.steps + args.msd_steps) < 1 or args.batch_size < 1 or args.msd_batch < 1 or args.teacher_batch < 1 or args.repeats < 1:
+        die("--steps, --msd-steps and every batch size and --repeats must be >= 1")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring
+# ----------------------------------------------------------------------------------------------
+
+
+def proc_status_kb(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1])
+    return None
+
+
+class PeakMemory:
+    """Peak memory of the work between start() and stop(), in MB (see the module docstring)."""
+
+    def __init__(self, device):
+        self.cuda = device.startswith("cuda")
+
+    def start(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.base = proc_status_kb("VmRSS")
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # resets VmHWM (the peak RSS) to the current RSS
+            except OSError:
+                self.base = None  # no /proc (not Linux): memory is reported as not measured
+
+    def stop(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - self.base) / 2 ** 20
+        return None if self.base is None else (proc_status_kb("VmHWM") - self.base) / 1024
+
+
+def peak_memory_mb(fn, device):
+    """Peak memory of one call of fn, after a warm-up call (one-time set-up and optimiser state excluded)."""
+    fn()
+    memory = PeakMemory(device)
+    memory.start()
+    fn()
+    return memory.stop()
+
+
+def interleaved_seconds(fns, device, repeats):
+    """{name: median seconds}: a warm-up call of each, then `repeats` rounds timing each fn in turn, so
+    that a slow spell of the machine hits every configuration alike instead of one of them."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def random_teacher(name, device, seed):
+    torch.manual_seed(seed)
+    return build_model(model_config(name, 10)).to(device).eval().requires_grad_(False)
+
+
+def inputs(model, batch, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    size = model.config.image_size
+    return (torch.randn(batch, 3, size, size, generator=gen).to(device),
+            torch.randint(10, (batch,), generator=gen).to(device))
+
+
+# ----------------------------------------------------------------------------------------------
+# The three parts
+# ----------------------------------------------------------------------------------------------
+
+
+def sampling_runs(model, steps, batch, device, seed=0, regimes=REGIMES):
+    """{regime: (run, networks)}: Gaussian unguided (w = 0), Gaussian + CFG (w = 3, cond and uncond in one
+    batched forward), refined unguided (x_hat_T = g_phi(x_T, c), one forward, then w = 0)."""
+    teacher = random_teacher(model, device, seed)
+    x_T, y = inputs(teacher, batch, device, seed)
+    runs = {}
+    for regime in regimes:
+        refiner = Refiner(teacher, 0).merge().to(device).eval().requires_grad_(False) if regime == "refined" \
+            else None
+        w = 3.0 if regime == "cfg" else 0.0
+
+        @torch.no_grad()
+        def run(refiner=refiner, w=w):
+            return sample(teacher, refiner(x_T, y) if refiner is not None else x_T, y, steps, w)
+        runs[regime] = (run, [teacher] + ([refiner] if refiner is not None else []))
+    return runs
+
+
+def bench_sampling(model, steps, batch, device, repeats, seed=0):
+    runs = sampling_runs(model, steps, batch, device, seed)
+    nfe = {}
+    for regime, (run, networks) in runs.items():  # forwards per image, counted by a hook
+        counter = ForwardCounter(*networks)
+        run()
+        nfe[regime] = counter.images / batch
+        counter.remove()
+    seconds = interleaved_seconds({r: run for r, (run, _) in runs.items()}, device, repeats)
+    return [{"model": model, "steps": steps, "regime": r, "batch": batch, "img_per_s": batch / seconds[r],
+             "sec_per_image": seconds[r] / batch, "nfe_per_image": nfe[r],
+             "peak_mem_mb": measure_memory("sampling", dict(model=model, steps=steps, batch=batch, regime=r,
+                                                             seed=seed), device)}
+            for r in runs]
+
+
+def msd_steps_fns(model, N, batch, device, seed=0, losses=("msd", "full")):
+    """{loss: one refiner training step}: forward, L_MSD or L_Denoise over N teacher steps, backward, AdamW."""
+    teacher = random_teacher(model, device, seed)
+    x_T, y = inputs(teacher, batch, device, seed)
+    x0_guide = torch.randn_like(x_T)
+    fns = {}
+    for loss in losses:
+        refiner = Refiner(teacher, 0).to(device).train()  # the default: the whole copy is trained
+        opt = torch.optim.AdamW(refiner.parameters(), lr=1e-4)
+        loss_fn = msd_loss if loss == "msd" else full_loss
+
+        def step(refiner=refiner, opt=opt, loss_fn=loss_fn):
+            value = loss_fn(teacher, refiner(x_T, y), y, x0_guide, N)
+            opt.zero_grad(set_to_none=True)
+            value.backward()
+            opt.step()
+        fns[loss] = step
+    return fns
+
+
+def bench_msd(model, N, batch, device, repeats, seed=0):
+    rows = {loss: {"model": model, "N": N, "loss": loss, "batch": batch} for loss in ("msd", "full")}
+    try:
+        seconds = interleaved_seconds(msd_steps_fns(model, N, batch, device, seed), device, repeats)
+    except torch.OutOfMemoryError:  # full backprop keeps N + 1 networks' activations
+        seconds = {"msd": interleaved_seconds(msd_steps_fns(model, N, batch, device, seed, ["msd"]), device,
+                                              repeats)["msd"], "full": None}
+    for loss, row in rows.items():
+        row["sec_per_step"] = seconds[loss]
+        row["oom"] = seconds[loss] is None
+        row["peak_mem_mb"] = None if row["oom"] else \
+            measure_memory("msd", dict(model=model, N=N, batch=batch, loss=loss, seed=seed), device)
+    return list(rows.values())
+
+
+def memory_of(part, kwargs, device):
+    """Peak memory of one configuration, measured where it runs alone (see measure_memory)."""
+    if part == "sampling":
+        run, _ = sampling_runs(device=device, **{k: v for k, v in kwargs.items() if k != "regime"},
+                               regimes=[kwargs["regime"]])[kwargs["regime"]]
+        return peak_memory_mb(run, device)
+    kw = {k: v for k, v in kwargs.items() if k != "loss"}
+    return peak_memory_mb(msd_steps_fns(device=device, **kw, losses=[kwargs["loss"]])[kwargs["loss"]], device)
+
+
+def measure_memory(part, kwargs, device):
+    """CUDA: in this process. CPU: in a child process of its own, with glibc told to hand every freed
+    block over 128 KB back to the OS (MALLOC_MMAP_THRESHOLD_), so that its RSS follows the live tensors
+    rather than what the allocator kept from earlier calls. (Timing stays in this process, without it.)"""
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        return memory_of(part, kwargs, device)
+    spec = json.dumps({"part": part, "kwargs": kwargs})
+    result = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", spec, "--device", device],
+                            capture_output=True, text=True, env=dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072"))
+    if result.returncode != 0:
+        die(f"bench.py: measuring the memory of {part} {kwargs} failed: {result.stderr.strip().splitlines()[-1]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def forward_flops(model, batch, device):
+    """FLOPs of one forward over the batch, counted by torch.utils.flop_counter (matmuls and convs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    x, y = inputs(model, batch, device, 0)
+    t = torch.full((batch,), 500, device=device)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x, t, y)
+    return counter.get_total_flops()
+
+
+def bench_teacher(model, dtype, batch, device, repeats, seed=0, compile=False, channels_last=False):
+    """Images per second of a teacher training step: forward, eps loss, backward, AdamW (timing only)."""
+    torch.manual_seed(seed)
+    net = build_model(model_config(model, 10)).to(device).train()
+    cuda = device.startswith("cuda")
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=cuda)
+    x0, y = inputs(net, batch, device, seed)
+    if channels_last:
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    fwd = torch.compile(net) if compile else net
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+    def step():
+        with amp:
+            loss = training_loss(fwd, x0, y, 10, 0.1, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    seconds = interleaved_seconds({"step": step}, device, repeats)["step"]
+    flops = 3 * forward_flops(net.eval(), batch, device)  # backward ~ 2x forward; the optimiser is negligible
+    row = {"model": model, "dtype": dtype + (" +compile" if compile else "") + (" +channels-last" if channels_last
+                                                                                 else ""),
+           "batch": batch, "img_per_s": batch / seconds, "tflops": flops / seconds / 1e12}
+    peak = gpu_peak_tflops(device)
+    row["share_of_bf16_peak"] = row["tflops"] / peak if peak else None
+    return row
+
+
+def gpu_peak_tflops(device):
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+# ----------------------------------------------------------------------------------------------
+
+
+def header(device):
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
+    return {"device": name, "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def print_sampling(rows):
+    print("\n== sampling: Gaussian unguided, Gaussian + CFG (w = 3), refined unguided")
+    print(f"{'model':<15} {'steps':>5} {'regime':<9} {'batch':>5} {'img/s':>9} {'ms/img':>8} {'NFE/img':>7} "
+          f"{'peak MB':>8} {'refined/cfg':>11} {'limit 2N/(N+1)':>14} {'mem ref/cfg':>11}")
+    for r in rows:
+        extra = ""
+        if r["regime"] == "refined":
+            cfg = next(c for c in rows if c["regime"] == "cfg" and c["model"] == r["model"]
+                       and c["steps"] == r["steps"])
+            mem = r["peak_mem_mb"] / cfg["peak_mem_mb"] if r["peak_mem_mb"] and cfg["peak_mem_mb"] else None
+            extra = (f" {r['img_per_s'] / cfg['img_per_s']:>10.2f}x {2 * r['steps'] / (r['steps'] + 1):>13.3f}x "
+                     f"{fmt(mem, '>10.2f')}x")
+        print(f"{r['model']:<15} {r['steps']:>5} {r['regime']:<9} {r['batch']:>5} {r['img_per_s']:>9.1f} "
+              f"{1000 * r['sec_per_image']:>8.3f} {r['nfe_per_image']:>7.1f} {fmt(r['peak_mem_mb'], '>8.1f')}{extra}")
+
+
+def print_msd(rows):
+    print("\n== refiner training step: L_MSD (stop-gradient) vs full backprop through N teacher calls")
+    print(f"{'model':<15} {'N':>3} {'loss':<5} {'batch':>5} {'s/step':>8} {'peak MB':>9} {'full/msd time':>13} "
+          f"{'(2N+3)/(N+3)':>12} {'full/msd mem':>12}")
+    for r in rows:
+        extra = ""
+        if r["loss"] == "full":
+            msd = next(m for m in rows if m["loss"] == "msd" and m["model"] == r["model"] and m["N"] == r["N"])
+            if r.get("oom"):
+                extra = "   out of memory"
+            else:
+                mem = r["peak_mem_mb"] / msd["peak_mem_mb"] if r["peak_mem_mb"] and msd["peak_mem_mb"] else None
+                extra = (f" {r['sec_per_step'] / msd['sec_per_step']:>12.2f}x "
+                         f"{(2 * r['N'] + 3) / (r['N'] + 3):>11.2f}x {fmt(mem, '>11.1f')}x")
+        print(f"{r['model']:<15} {r['N']:>3} {r['loss']:<5} {r['batch']:>5} {fmt(r['sec_per_step'], '>8.3f')} "
+              f"{fmt(r['peak_mem_mb'], '>9.1f')}{extra}")
+
+
+def print_teacher(rows):
+    print("\n== teacher training step (forward, eps loss, backward, AdamW); TFLOP/s from a FlopCounterMode count "
+          "of the forward x 3")
+    print(f"{'model':<15} {'dtype':<24} {'batch':>5} {'img/s':>9} {'TFLOP/s':>8} {'of bf16 peak':>12}")
+    for r in rows:
+        share = fmt(None if r["share_of_bf16_peak"] is None else 100 * r["share_of_bf16_peak"], ">11.1f")
+        print(f"{r['model']:<15} {r['dtype']:<24} {r['batch']:>5} {r['img_per_s']:>9.1f} {r['tflops']:>8.4f} "
+              f"{share}{'%' if share != '-' else ''}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    if args.child:  # one configuration's memory, measured in a process of its own (see measure_memory)
+        spec = json.loads(args.child)
+        print(json.dumps(memory_of(spec["part"], spec["kwargs"], device)))
+        return
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (TF32)
+        torch.backends.cudnn.allow_tf32 = True
+    head = header(device)
+    mem_note = ("torch.cuda.max_memory_allocated minus allocated before the call" if device.startswith("cuda")
+                else "peak RSS minus RSS before the call, each row in its own subprocess")
+    print(f"bench.py on {head['device']}, torch {head['torch']}, {head['threads']} threads; median of "
+          f"{args.repeats} timed rounds after a warm-up, configurations interleaved; peak memory of one call "
+          f"after a warm-up call: {mem_note}")
+    rows = [row for m in args.models for s in args.steps
+            for row in bench_sampling(m, s, args.batch_size, device, args.repeats, args.seed)]
+    print_sampling(rows)
+    msd = [row for m in args.models for n in args.msd_steps
+           for row in bench_msd(m, n, args.msd_batch, device, max(args.repeats, 5), args.seed)]
+    print_msd(msd)
+    dtypes = ["fp32", "bf16"] if device.startswith("cuda") else ["fp32"]
+    teacher = []
+    for m in args.teacher_models:
+        for dtype in dtypes:
+            kw = dict(model=m, dtype=dtype, batch=args.teacher_batch, device=device, repeats=args.repeats,
+                      seed=args.seed)
+            teacher.append(bench_teacher(**kw))
+            if dtype == "bf16" and args.compile:
+                teacher.append(bench_teacher(**kw, compile=True))
+            if dtype == "bf16" and args.channels_last and m.startswith("unet"):
+                teacher.append(bench_teacher(**kw, channels_last=True))
+    print_teacher(teacher)
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({**head, "memory": mem_note, "sampling": rows, "msd": msd, "teacher": teacher}, f, indent=2)
+        os.replace(tmp, args.json)
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
