@@ -59,10 +59,12 @@ def ddim_timesteps(steps):
 
 def ddim_coeffs(t, t_prev):
     """a_t = sqrt(abar_prev / abar_t),  b_t = sqrt(1 - abar_prev) - a_t sqrt(1 - abar_t)."""
+    # BEGIN SOLUTION
     ab_t, ab_prev = abar(t), abar(t_prev)
     a_t = math.sqrt(ab_prev / ab_t)
     b_t = math.sqrt(1.0 - ab_prev) - a_t * math.sqrt(1.0 - ab_t)
     return a_t, b_t
+    # END SOLUTION
 
 
 def ddim_schedule(steps):
@@ -93,10 +95,12 @@ def timestep_batch(t, x):
 def guided_eps(model, x, t, y, w=0.0, pag=0.0):
     """eps_c + w (eps_c - eps_u) + pag (eps_c - eps_perturbed).
 
-    w: float, or a (B,) tensor of per-sample scales. w = 0 and pag = 0 run one conditional forward;
-    otherwise conditional and unconditional share one batched forward (batch 2B).
+    t: int, or a (B,) tensor of per-sample timesteps; w: float, or a (B,) tensor of per-sample scales.
+    w = 0 and pag = 0 run one conditional forward; otherwise conditional and unconditional share one
+    batched forward (batch 2B).
     """
-    tt = timestep_batch(t, x)
+    # BEGIN SOLUTION
+    tt = t if torch.is_tensor(t) else timestep_batch(t, x)  # one t for the batch, or one per sample
     guided = torch.is_tensor(w) or w != 0
     if not guided and pag == 0:
         return model(x, tt, y)
@@ -110,26 +114,77 @@ def guided_eps(model, x, t, y, w=0.0, pag=0.0):
     if pag != 0:  # perturbed-attention guidance: self-attention map replaced by the identity
         eps = eps + pag * (eps_c - model(x, tt, y, identity_attn=True))
     return eps
+    # END SOLUTION
 
 
 # ----------------------------------------------------------------------------------------------
 # Sampling
 # ----------------------------------------------------------------------------------------------
 
+# ----------------------------------------------------------------------------------------------
+# Other samplers on the same timesteps (the paper's Fig. 29: refined noise under other solvers)
+# Each takes the current x_t, its eps and x0 prediction, and returns x at t_prev plus what it carries.
+# Notation: alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), lambda_t = log(alpha_t / sigma_t).
+# ----------------------------------------------------------------------------------------------
+
+
+def ddim_update(x, eps, x0, t, t_prev, carry):
+    """DDIM, eq. (1): x_{t-1} = a_t x_t + b_t eps."""
+    return ddim_step(x, eps, *ddim_coeffs(t, t_prev)), None
+
+
+def euler_update(x, eps, x0, t, t_prev, carry):
+    """Euler on the probability-flow ODE in EDM's variables (Karras et al. 2022, arXiv 2206.00364):
+    x_bar = x / alpha_t, s = sigma_t / alpha_t, d x_bar / d s = eps. One Euler step in s:
+    x_bar' = x_bar + (s' - s) eps. For an eps-prediction model this *is* DDIM (EDM, Sec. 3): the test
+    checks it; the analysis shows it."""
+    ab, ab_prev = abar(t), abar(t_prev)
+    s, s_prev = math.sqrt((1 - ab) / ab), math.sqrt((1 - ab_prev) / ab_prev)
+    return math.sqrt(ab_prev) * (x / math.sqrt(ab) + (s_prev - s) * eps), None
+
+
+def dpm2m_update(x, eps, x0, t, t_prev, carry):
+    """DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095, Alg. 2), multistep in data prediction x0:
+    x' = (sigma' / sigma) x - alpha' (e^{-h} - 1) D, h = lambda' - lambda, with D = x0 on the first step and
+    D = (1 + 1/(2r)) x0 - 1/(2r) x0_prev (r = h_prev / h) after it. The last step (sigma' = 0) returns D = x0."""
+    # BEGIN SOLUTION
+    ab, ab_prev = abar(t), abar(t_prev)
+    lam = 0.5 * math.log(ab / (1 - ab))
+    if ab_prev == 1.0:  # the final step lands on the data: x0 itself (first order, as in Alg. 2)
+        return x0, None
+    lam_prev = 0.5 * math.log(ab_prev / (1 - ab_prev))
+    h = lam_prev - lam
+    D = x0
+    if carry is not None:
+        x0_before, h_before = carry
+        r = h_before / h
+        D = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_before
+    x = math.sqrt((1 - ab_prev) / (1 - ab)) * x - math.sqrt(ab_prev) * math.expm1(-h) * D
+    return x, (x0, h)
+    # END SOLUTION
+
+
+SAMPLERS = {"ddim": ddim_update, "euler": euler_update, "dpm2m": dpm2m_update}
+
+
 @torch.no_grad()
-def sample(model, x_T, y, steps=20, w=0.0, pag=0.0, return_x0=False):
-    """DDIM from x_T with labels y. With return_x0, also the predicted x0 of every step."""
-    x, x0_pred = x_T, []
-    for t, a_t, b_t in ddim_schedule(steps):
+def sample(model, x_T, y, steps=20, w=0.0, pag=0.0, return_x0=False, sampler="ddim"):
+    """Sample from x_T with labels y on the trailing timesteps. With return_x0, also the predicted x0 of
+    every step. sampler: ddim (the paper's; eq. 1), euler or dpm2m (DPM-Solver++(2M))."""
+    update = SAMPLERS[sampler]
+    ts = ddim_timesteps(steps)
+    x, x0_pred, carry = x_T, [], None
+    for t, t_prev in zip(ts, ts[1:] + [-1]):
         eps = guided_eps(model, x, t, y, w, pag)
+        x0 = predict_x0(x, t, eps)
         if return_x0:
-            x0_pred.append(predict_x0(x, t, eps))
-        x = ddim_step(x, eps, a_t, b_t)
+            x0_pred.append(x0)
+        x, carry = update(x, eps, x0, t, t_prev, carry)
     return (x, x0_pred) if return_x0 else x
 
 
 @torch.no_grad()
-def sample_many(model, x_T, y, steps=20, w=0.0, pag=0.0, batch_size=250, refiner=None, desc=None):
+def sample_many(model, x_T, y, steps=20, w=0.0, pag=0.0, batch_size=250, refiner=None, desc=None, sampler="ddim"):
     """`sample` over many noises in batches, with a tqdm bar. With a refiner, x_T is refined first
     (x_hat_T = g_phi(x_T, c), one forward) and then sampled as given (w = 0 for NoiseRefine)."""
     device = next(model.parameters()).device
@@ -140,5 +195,5 @@ def sample_many(model, x_T, y, steps=20, w=0.0, pag=0.0, batch_size=250, refiner
         if refiner is not None:
             x = refiner(x, c)
         w_i = w[i:i + batch_size].to(device) if torch.is_tensor(w) else w
-        out.append(sample(model, x, c, steps, w_i, pag).cpu())
+        out.append(sample(model, x, c, steps, w_i, pag, sampler=sampler).cpu())
     return torch.cat(out)

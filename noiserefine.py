@@ -69,6 +69,7 @@ class LoRA(nn.Module):
             self.merged = False
 
     def forward(self, x):
+        """base(x) + scale * up(down(x)); once merged, the update already sits in base's weight."""
         # BEGIN SOLUTION
         out = self.base(x)
         return out if self.merged else out + self.scale * self.up(self.down(x))
@@ -122,6 +123,7 @@ class Refiner(nn.Module):
         head.requires_grad_(True)
 
     def forward(self, x_T, y):
+        """x_hat_T = g_phi(x_T, c) = x_T + f_phi(x_T, T, c), eq. (3): one forward of the copy at t = T - 1."""
         # BEGIN SOLUTION
         return x_T + self.net(x_T, timestep_batch(T - 1, x_T), y)  # x_hat_T = x_T + f_phi(x_T, T, c)
         # END SOLUTION

@@ -13,7 +13,7 @@ import torch
 
 import data
 from checkpoint import die, load_refiner, load_teacher, resolve_device, seed_everything
-from diffusion import sample_many
+from diffusion import SAMPLERS, sample_many
 
 
 def parse_args(argv=None):
@@ -21,7 +21,8 @@ def parse_args(argv=None):
     p.add_argument("--teacher", default="runs/teacher/ckpt.pt", help="teacher checkpoint")
     p.add_argument("--refiner", default=None, help="refiner checkpoint: sample from refined noise (w = 0)")
     p.add_argument("--w", type=float, default=0.0, help="CFG scale, eps_c + w (eps_c - eps_u); 0 = none")
-    p.add_argument("--steps", type=int, default=20, help="DDIM steps")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps")
+    p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS), help="ddim (the paper's), euler, dpm2m")
     p.add_argument("--labels", type=int, nargs="+", default=None, help="class ids (default: every class, up to 10)")
     p.add_argument("--per-label", type=int, default=8, help="samples per label")
     p.add_argument("--out", default="samples/sample", help="output path without extension")
@@ -49,14 +50,14 @@ def main(argv=None):
         refiner = load_refiner(args.refiner, teacher, device)
     y = torch.tensor(labels).repeat_interleave(args.per_label)
     x_T = torch.randn((len(y), 3, size, size), generator=torch.Generator().manual_seed(args.seed))
-    images = sample_many(teacher, x_T, y, args.steps, args.w, refiner=refiner, desc="sampling")
+    images = sample_many(teacher, x_T, y, args.steps, args.w, refiner=refiner, desc="sampling", sampler=args.sampler)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     data.save_grid(images, args.per_label, args.out + ".png")
     tmp = args.out + ".tmp.npz"
     np.savez(tmp, images=data.to_uint8(images).numpy(), labels=y.numpy(), x_T=x_T.numpy())
     os.replace(tmp, args.out + ".npz")
     regime = "refined noise, no guidance" if refiner else f"Gaussian noise, w = {args.w}"
-    print(f"wrote {args.out}.png and {args.out}.npz: {len(y)} samples, {regime}, {args.steps} DDIM steps")
+    print(f"wrote {args.out}.png and {args.out}.npz: {len(y)} samples, {regime}, {args.steps} {args.sampler} steps")
 
 
 if __name__ == "__main__":

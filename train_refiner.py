@@ -170,7 +170,8 @@ def split_pairs(pairs, args):
     print(f"filter: kept {n} of {len(keep)} pairs ({n / len(keep):.1%}) with classifier confidence "
           f">= {args.filter}; {n - n_val} train, {n_val} validation")
     if n - n_val < args.batch_size:
-        die(f"--filter {args.filter} leaves {n - n_val} training pairs, fewer than --batch-size {args.batch_size}")
+        die(f"--filter {args.filter} leaves {max(0, n - n_val)} training pairs, fewer than --batch-size "
+            f"{args.batch_size}")
     return {k: v[n_val:] for k, v in kept.items()}, {k: v[:n_val] for k, v in kept.items()}
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import train_teacher
-from checkpoint import FORMAT, build_model, fingerprint, load_refiner, load_teacher, save_atomic
+from checkpoint import FORMAT, fingerprint, load_refiner, load_teacher, save_atomic
 from conftest import tiny_model
 from noiserefine import Refiner
 

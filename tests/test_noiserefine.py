@@ -144,6 +144,18 @@ def test_lora_merged_and_unmerged_agree(layer):
     assert torch.allclose(lora.base(x), base_out, atol=1e-5)
 
 
+def test_lora_forward_is_the_base_plus_the_scaled_low_rank_update():
+    """LoRA (Hu et al.): h = W x + b + (alpha / r) B A x, with A = down (r x in), B = up (out x r)."""
+    layer = nn.Linear(6, 5)
+    lora = LoRA(layer, rank=2, alpha=6)
+    nn.init.normal_(lora.up.weight)
+    x = torch.randn(3, 6)
+    A, B = lora.down.weight, lora.up.weight
+    expected = x @ layer.weight.T + layer.bias + 3.0 * x @ A.T @ B.T
+    assert torch.allclose(lora(x), expected, atol=1e-5)
+    assert torch.allclose(lora.delta_weight(), 3.0 * B @ A, atol=1e-6)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_lora_adapters_and_trainable_parameters(arch):
     teacher = tiny_model(arch)

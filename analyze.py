@@ -1,0 +1,523 @@
+"""Why refined noise works: the paper's analyses (§5 of ../shared/PAPER.md), one subcommand per figure.
+
+    python analyze.py diff          # |x_hat_T - x_T| against two independent noises      (Figs. 3a, 7a)
+    python analyze.py spectrum      # radial FFT magnitude of the difference              (Figs. 3b, 7b)
+    python analyze.py layout        # the difference beside the image it makes, per class (Fig. 9)
+    python analyze.py trajectory    # predicted x0 over the steps, three regimes          (Fig. 10)
+    python analyze.py bandswap      # swap / keep radial frequency bands                  (Figs. 20, 22-24)
+    python analyze.py slerp         # spherical interpolation, refined and not            (Fig. 27)
+    python analyze.py mismatch      # refine with class a, denoise with b or null         (Fig. 26)
+    python analyze.py jacobian      # d eps / d x_t against c I; MSD vs full gradient     (App. B.1, Prop. 2, Fig. 12)
+    python analyze.py inversion     # DDIM inversion of CFG samples: guidance-free noise  (§3.1, Fig. 3 vs 7)
+    python analyze.py samplers      # refined noise under DDIM, Euler, DPM-Solver++(2M)   (Fig. 29)
+    python analyze.py all
+
+Each prints its numbers and writes --out/<name>.png (an image grid) and/or --out/<name>.csv (curves; also
+<name>_plot.png when matplotlib happens to be installed). Noises come from the held-out bank, never a
+training x_T. Defaults: the teacher and refiner that `python train_refiner.py` writes.
+"""
+import argparse
+import csv
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+import data
+from checkpoint import die, load_refiner, load_teacher, resolve_device, seed_everything
+from diffusion import (ddim_coeffs, ddim_timesteps, q_sample, sample, sample_many, SAMPLERS,
+                       timestep_batch)
+from evaluate import HELD_OUT_SEED, Evaluator, load_or_train_classifier, noise_bank, predict
+from noiserefine import full_loss, msd_loss
+
+W_CFG = 3.0  # the CFG scale compared against: the middle of the pairs' default range [2, 4]
+
+
+@dataclass
+class Context:
+    teacher: torch.nn.Module
+    refiner: torch.nn.Module
+    evaluator: Evaluator
+    K: int
+    size: int
+    out: str
+    n: int
+    steps: int
+    dataset_args: tuple  # (dataset, data_dir, image_size) of the teacher's data
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers: refining, frequency bands, files
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def refine(ctx, x_T, y, batch_size=250):
+    """x_hat_T = g_phi(x_T, c), batched."""
+    return torch.cat([ctx.refiner(x_T[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(y), batch_size)])
+
+
+def bank(ctx, n=None, seed=HELD_OUT_SEED):
+    return noise_bank(n or ctx.n, ctx.K, (3, ctx.size, ctx.size), seed)
+
+
+def radius(size):
+    """Normalised radial frequency of every 2-D FFT bin: 0 at DC, 1 at the corner (fx = fy = 1/2)."""
+    f = torch.fft.fftfreq(size)
+    return torch.sqrt(f[:, None] ** 2 + f[None, :] ** 2) / math.sqrt(0.5)
+
+
+def band_mask(size, lo, hi):
+    r = radius(size)
+    return ((r >= lo) & (r < hi)) | ((r == 1.0) & (hi >= 1.0))
+
+
+def band_energy(x, bands=10):
+    """Share of the FFT energy |F|^2 (summed over images and channels) in each of `bands` radial bands."""
+    energy = torch.fft.fft2(x.double()).abs().pow(2).sum((0, 1))
+    total = energy.sum()
+    return [float(energy[band_mask(x.shape[-1], b / bands, (b + 1) / bands)].sum() / total) for b in range(bands)]
+
+
+def swap_band(x_base, x_band, mask):
+    """x_base with the FFT bins in `mask` replaced by those of x_band (a real image again)."""
+    F_base, F_band = torch.fft.fft2(x_base), torch.fft.fft2(x_band)
+    return torch.fft.ifft2(torch.where(mask, F_band, F_base)).real
+
+
+def write_csv(ctx, name, header, rows):
+    path = os.path.join(ctx.out, f"{name}.csv")
+    with open(path + ".tmp", "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def maybe_plot(ctx, name, x, series, xlabel, ylabel, logy=False):
+    """A PNG plot when matplotlib is installed; never required (the CSV holds the same numbers)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for label, ys in series.items():
+        ax.plot(x, ys, marker="o", ms=3, label=label)
+    ax.set(xlabel=xlabel, ylabel=ylabel, yscale="log" if logy else "linear")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(ctx.out, f"{name}_plot.png"), dpi=120)
+    plt.close(fig)
+
+
+def grid(ctx, name, rows):
+    """rows: list of (n_cols, 3, H, W) tensors in [-1, 1], all the same length."""
+    path = os.path.join(ctx.out, f"{name}.png")
+    data.save_grid(torch.cat(rows), rows[0].shape[0], path)
+    return path
+
+
+def show_diff(d):
+    """A noise difference made visible: scaled so that 3 standard deviations reach full colour."""
+    return (d / (3 * d.std())).clamp(-1, 1)
+
+
+def balanced_first(y, K, per_class):
+    return torch.cat([torch.nonzero(y == k)[:per_class, 0] for k in range(min(K, 10))])
+
+
+def classify(ctx, images):
+    """The evaluator's class for each image (scored as a saved PNG would be, like Evaluator.score)."""
+    return predict(ctx.evaluator.clf, data.to_float(data.to_uint8(images)), ctx.evaluator.device).argmax(1)
+
+
+def table(header, rows, fmt):
+    """Print rows under a header: the first column left-aligned as wide as it needs, the rest 12 wide."""
+    width = max(len(str(v)) for v in [header[0], *(r[0] for r in rows)])
+    print(f"{header[0]:<{width}}  " + "  ".join(f"{h:>12}" for h in header[1:]))
+    for r in rows:
+        print(f"{str(r[0]):<{width}}  " + "  ".join(format(v, f) if isinstance(v, float) else f"{v:>12}"
+                                                   for v, f in zip(r[1:], fmt[1:])))
+
+
+# ----------------------------------------------------------------------------------------------
+# 1-2. How large, and which frequencies: the difference x_hat_T - x_T
+# ----------------------------------------------------------------------------------------------
+
+
+def analysis_diff(ctx):
+    x_T, y = bank(ctx)
+    other, _ = bank(ctx, seed=HELD_OUT_SEED + 1)  # an independent Gaussian noise for each x_T
+    d_ref = (refine(ctx, x_T, y) - x_T).abs().flatten()
+    d_ind = (other - x_T).abs().flatten()
+    stats = {name: (float(d.mean()), float(torch.quantile(d[::7], 0.99))) for name, d in
+             (("refined - x_T", d_ref), ("independent", d_ind))}
+    print(f"|x_hat_T - x_T| over {len(y)} held-out noises x {d_ref.numel() // len(y)} values:")
+    table(["difference", "mean", "99th pct"], [(k, *v) for k, v in stats.items()], ["", "12.4f", "12.4f"])
+    print(f"mean |x_hat_T - x_T| is {stats['refined - x_T'][0] / stats['independent'][0]:.3f}x that of two "
+          "independent noises")
+    edges = torch.linspace(0, float(d_ind.max()), 41)
+    h_ref = torch.histogram(d_ref.clamp(max=edges[-1]), edges, density=True).hist
+    h_ind = torch.histogram(d_ind, edges, density=True).hist
+    rows = [(f"{edges[i]:.3f}", f"{edges[i + 1]:.3f}", f"{h_ref[i]:.5f}", f"{h_ind[i]:.5f}") for i in range(40)]
+    print("wrote", write_csv(ctx, "diff", ["lo", "hi", "density_refined", "density_independent"], rows))
+    maybe_plot(ctx, "diff", ((edges[:-1] + edges[1:]) / 2).tolist(),
+               {"|x_hat_T - x_T|": h_ref.tolist(), "two independent noises": h_ind.tolist()}, "|difference|",
+               "density", logy=True)
+    return {"mean_refined": stats["refined - x_T"][0], "p99_refined": stats["refined - x_T"][1],
+            "mean_independent": stats["independent"][0], "p99_independent": stats["independent"][1]}
+
+
+def analysis_spectrum(ctx):
+    x_T, y = bank(ctx)
+    other, _ = bank(ctx, seed=HELD_OUT_SEED + 1)
+    e_ref, e_ind = band_energy(refine(ctx, x_T, y) - x_T), band_energy(other - x_T)
+    print("share of the difference's FFT energy per radial band (0 = DC, 1 = the corner frequency):")
+    rows = [(f"{b / 10:.1f}-{(b + 1) / 10:.1f}", e_ref[b], e_ind[b]) for b in range(10)]
+    table(["band", "refined", "independent"], rows, ["", "12.4f", "12.4f"])
+    ratio = e_ref[0] / e_ind[0]
+    print(f"lowest band (0-0.1): {e_ref[0]:.1%} of the refined difference's energy vs {e_ind[0]:.1%} of white "
+          f"noise's: {ratio:.1f}x")
+    print("wrote", write_csv(ctx, "spectrum", ["band", "energy_share_refined", "energy_share_independent"],
+                             [(r[0], f"{r[1]:.6f}", f"{r[2]:.6f}") for r in rows]))
+    maybe_plot(ctx, "spectrum", [b / 10 + 0.05 for b in range(10)], {"refined - x_T": e_ref,
+               "independent": e_ind}, "normalised radius", "share of energy", logy=True)
+    return {"low_share_refined": e_ref[0], "low_share_independent": e_ind[0], "ratio": ratio}
+
+
+# ----------------------------------------------------------------------------------------------
+# 3-4. What the difference looks like, and when the image forms
+# ----------------------------------------------------------------------------------------------
+
+
+def analysis_layout(ctx):
+    x_T, y = bank(ctx)
+    x_hat = refine(ctx, x_T, y)
+    gauss = sample_many(ctx.teacher, x_T, y, ctx.steps)
+    refined = sample_many(ctx.teacher, x_hat, y, ctx.steps)
+    d, change = (x_hat - x_T).flatten(1), (refined - gauss).flatten(1)
+
+    def corr(a, b):
+        a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+        return float(((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).mean())
+    same, shuffled = corr(d, change), corr(d, change.roll(1, 0))
+    print(f"correlation, over pixels, of x_hat_T - x_T with the change it makes to the image (refined sample "
+          f"minus Gaussian sample): {same:.3f} (same noise) vs {shuffled:.3f} (another noise's change)")
+    idx = balanced_first(y, ctx.K, 2)
+    cols = [x_T[idx], show_diff(x_hat[idx] - x_T[idx]), refined[idx], gauss[idx]]
+    print("wrote", grid(ctx, "layout", cols),
+          "(rows: x_T; x_hat_T - x_T, scaled; the refined sample; the Gaussian sample. Two columns per class)")
+    return {"corr_same": same, "corr_shuffled": shuffled}
+
+
+@torch.no_grad()
+def analysis_trajectory(ctx):
+    x_T, y = bank(ctx, min(ctx.n, 500))
+    regimes = {"unguided": (x_T, 0.0), f"cfg w={W_CFG:g}": (x_T, W_CFG), "refined": (refine(ctx, x_T, y), 0.0)}
+    acc, dist, examples = {}, {}, {}
+    for name, (x, w) in regimes.items():
+        final, x0s = sample(ctx.teacher, x, y, ctx.steps, w, return_x0=True)
+        acc[name] = [ctx.evaluator.score(x0, y)["class_acc"] for x0 in x0s]
+        # how much of the final image is already there at each step
+        dist[name] = [float((x0.clamp(-1, 1) - final).pow(2).mean().sqrt()) for x0 in x0s]
+        examples[name] = torch.stack(x0s, 1)[:3]  # (3 noises, steps, 3, H, W)
+    print(f"per DDIM step ({len(y)} noises): class accuracy of the predicted x0, and its RMS distance to the "
+          "sample the run ends with")
+    names = list(regimes)
+    rows = [(k + 1, *(acc[n][k] for n in names), *(dist[n][k] for n in names)) for k in range(ctx.steps)]
+    table(["step", *(f"acc {n}" for n in names), *(f"rms {n}" for n in names)], rows,
+          ["", *["12.3f"] * 3, *["12.3f"] * 3])
+    print("wrote", write_csv(ctx, "trajectory", ["step", *(f"acc_{n}" for n in names),
+                                                 *(f"rms_to_final_{n}" for n in names)],
+                             [(r[0], *(f"{v:.4f}" for v in r[1:])) for r in rows]))
+    maybe_plot(ctx, "trajectory", list(range(1, ctx.steps + 1)), acc, "DDIM step", "class accuracy of x0 pred")
+    rows_img = [examples[n][i] for i in range(3) for n in regimes]
+    print("wrote", grid(ctx, "trajectory", rows_img), "(rows: noise 1 unguided, CFG, refined; noise 2 ...; "
+          "columns: predicted x0 at steps 1..N)")
+    return {name: {"acc": acc[name], "rms_to_final": dist[name]} for name in names}
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Frequency bands: which part of the correction carries the effect
+# ----------------------------------------------------------------------------------------------
+
+
+def closeness(images, refined, gauss):
+    """1 - d(images, refined) / d(Gaussian sample, refined): 1 = the refined sample, 0 = as far as the
+    Gaussian sample from the same x_T."""
+    return 1 - float((images - refined).pow(2).mean() / (gauss - refined).pow(2).mean())
+
+
+def analysis_bandswap(ctx):
+    x_T, y = bank(ctx, min(ctx.n, 300))
+    x_hat = refine(ctx, x_T, y)
+    fresh, _ = bank(ctx, len(y), seed=HELD_OUT_SEED + 1)
+    refined = sample_many(ctx.teacher, x_hat, y, ctx.steps)
+    gauss = sample_many(ctx.teacher, x_T, y, ctx.steps)
+    rows, shown = [], balanced_first(y, ctx.K, 1)
+    pictures = [gauss[shown]]
+    for b in range(10):
+        swapped = swap_band(x_T, x_hat, band_mask(ctx.size, b / 10, (b + 1) / 10))
+        images = sample_many(ctx.teacher, swapped, y, ctx.steps)
+        pictures.append(images[shown])
+        rows.append((f"swap {b / 10:.1f}-{(b + 1) / 10:.1f}", closeness(images, refined, gauss),
+                     ctx.evaluator.score(images, y)["class_acc"]))
+    pictures.append(refined[shown])
+    low = band_mask(ctx.size, 0, 0.1)
+    keeps = {"refined low, rest zero": torch.where(low, torch.fft.fft2(x_hat), 0),
+             "refined low, rest re-drawn": None, "x_T low, rest re-drawn": None,
+             "refined high, low zero": torch.where(low, 0, torch.fft.fft2(x_hat)),
+             "refined high, low re-drawn": None}
+    for name in keeps:
+        if name == "refined low, rest re-drawn":
+            x = swap_band(fresh, x_hat, low)
+        elif name == "x_T low, rest re-drawn":
+            x = swap_band(fresh, x_T, low)
+        elif name == "refined high, low re-drawn":
+            x = swap_band(x_hat, fresh, low)
+        else:
+            x = torch.fft.ifft2(keeps[name]).real
+        images = sample_many(ctx.teacher, x, y, ctx.steps)
+        rows.append((name, closeness(images, refined, gauss), ctx.evaluator.score(images, y)["class_acc"]))
+    acc = ctx.evaluator.score
+    print(f"{len(y)} noises; closeness: 1 = the refined sample, 0 = as far as the Gaussian sample; "
+          f"class acc of Gaussian {acc(gauss, y)['class_acc']:.3f}, of refined {acc(refined, y)['class_acc']:.3f}")
+    table(["noise", "closeness", "class acc"], rows, ["", "12.3f", "12.3f"])
+    print("wrote", write_csv(ctx, "bandswap", ["noise", "closeness_to_refined", "class_acc"],
+                             [(r[0], f"{r[1]:.4f}", f"{r[2]:.4f}") for r in rows]))
+    print("wrote", grid(ctx, "bandswap", pictures), "(rows: the Gaussian sample; x_T with band 0-0.1, 0.1-0.2, ... "
+          "0.9-1.0 taken from x_hat_T; the refined sample. One column per class)")
+    return {r[0]: {"closeness": r[1], "class_acc": r[2]} for r in rows}
+
+
+# ----------------------------------------------------------------------------------------------
+# 6-7. Interpolation, and the class the refiner was given vs the one the denoiser gets
+# ----------------------------------------------------------------------------------------------
+
+
+def slerp(a, b, alpha):
+    """Spherical interpolation per sample: sin((1-alpha) theta)/sin theta a + sin(alpha theta)/sin theta b."""
+    cos = (a * b).flatten(1).sum(1) / (a.flatten(1).norm(dim=1) * b.flatten(1).norm(dim=1))
+    theta = torch.acos(cos.clamp(-1, 1)).view(-1, 1, 1, 1)
+    return (torch.sin((1 - alpha) * theta) * a + torch.sin(alpha * theta) * b) / torch.sin(theta)
+
+
+def analysis_slerp(ctx, points=8):
+    pairs = min(ctx.n, 500) // 10 * 10 // 2
+    x_a, y = bank(ctx, pairs)
+    x_b, _ = bank(ctx, pairs, seed=HELD_OUT_SEED + 1)
+    alphas = [i / (points - 1) for i in range(points)]
+    path = torch.stack([slerp(x_a, x_b, a) for a in alphas], 1)  # (pairs, points, 3, H, W)
+    flat, ys = path.flatten(0, 1), y.repeat_interleave(points)
+    plain = sample_many(ctx.teacher, flat, ys, ctx.steps).view_as(path)
+    refined = sample_many(ctx.teacher, refine(ctx, flat, ys), ys, ctx.steps).view_as(path)
+    acc = {name: [ctx.evaluator.score(imgs[:, i], y)["class_acc"] for i in range(points)]
+           for name, imgs in (("unrefined", plain), ("refined", refined))}
+    print(f"class accuracy along the interpolation ({pairs} pairs of noises, same class within a pair):")
+    rows = [(f"{a:.2f}", acc["unrefined"][i], acc["refined"][i]) for i, a in enumerate(alphas)]
+    table(["alpha", "unrefined", "refined"], rows, ["", "12.3f", "12.3f"])
+    step = {name: float((imgs[:, 1:] - imgs[:, :-1]).pow(2).mean()) for name, imgs in
+            (("unrefined", plain), ("refined", refined))}
+    print(f"mean squared change between neighbouring images: unrefined {step['unrefined']:.4f}, "
+          f"refined {step['refined']:.4f}")
+    print("wrote", write_csv(ctx, "slerp", ["alpha", "acc_unrefined", "acc_refined"],
+                             [(r[0], f"{r[1]:.4f}", f"{r[2]:.4f}") for r in rows]))
+    shown = balanced_first(y, ctx.K, 1)[:4]
+    print("wrote", grid(ctx, "slerp", [r for i in shown for r in (plain[i], refined[i])]),
+          "(pairs of rows: unrefined, refined; alpha from 0 to 1 left to right)")
+    return {"acc_unrefined": acc["unrefined"], "acc_refined": acc["refined"]}
+
+
+def analysis_mismatch(ctx):
+    x_T, a = bank(ctx)
+    b = (a + 1) % ctx.K
+    null = torch.full_like(a, ctx.K)
+    x_hat = refine(ctx, x_T, a)
+    cases = [("refined a, denoise a", x_hat, a), ("refined a, denoise b", x_hat, b),
+             ("refined a, denoise null", x_hat, null), ("Gaussian, denoise b", x_T, b),
+             ("Gaussian, denoise null", x_T, null)]
+    rows, images = [], {}
+    for name, x, c in cases:
+        images[name] = sample_many(ctx.teacher, x, c, ctx.steps)
+        cls = classify(ctx, images[name])
+        rows.append((name, float((cls == a).float().mean()), float((cls == b).float().mean())))
+    print(f"b = a + 1 (mod {ctx.K}); shares of {len(a)} samples the classifier puts in class a and in class b:")
+    table(["case", "share a", "share b"], rows, ["", "12.3f", "12.3f"])
+    print("wrote", write_csv(ctx, "mismatch", ["case", "share_a", "share_b"],
+                             [(r[0], *(f"{v:.4f}" for v in r[1:])) for r in rows]))
+    idx = balanced_first(a, ctx.K, 1)
+    print("wrote", grid(ctx, "mismatch", [torch.stack([images[n][i] for n, _, _ in cases]) for i in idx]),
+          "(one row per class a; columns: " + "; ".join(n for n, _, _ in cases) + ")")
+    return {r[0]: {"share_a": r[1], "share_b": r[2]} for r in rows}
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. Proposition 2's premise: d eps / d x_t close to c I; and the MSD gradient's direction
+# ----------------------------------------------------------------------------------------------
+
+
+def analysis_jacobian(ctx, samples=4, N=10):
+    test = data.load_dataset(*ctx.dataset_args, "test")
+    gen = torch.Generator().manual_seed(0)
+    x0 = test.batch(torch.randint(len(test), (samples,), generator=gen))
+    rows = []
+    for t in (999, 799, 599, 399, 199, 99, 49, 9):
+        dists, cs = [], []
+        for i in range(samples):
+            x_t = q_sample(x0[0][i:i + 1], torch.tensor([t]), torch.randn(x0[0][i:i + 1].shape, generator=gen))
+            y = x0[1][i:i + 1]
+            f = lambda x: ctx.teacher(x.view(1, 3, ctx.size, ctx.size), timestep_batch(t, x_t), y).flatten()
+            J = torch.autograd.functional.jacobian(f, x_t.flatten(), vectorize=True)  # (d, d), one batched backward
+            c = torch.trace(J) / J.shape[0]  # the nearest multiple of I in Frobenius norm
+            dists.append(float((J - c * torch.eye(J.shape[0])).norm() / J.norm()))
+            cs.append(float(c))
+        rows.append((t, sum(cs) / samples, sum(dists) / samples))
+    print(f"Jacobian of eps w.r.t. x_t ({3 * ctx.size * ctx.size} x {3 * ctx.size * ctx.size}, {samples} real "
+          "test images noised to t): c = tr(J)/d and ||J - cI|| / ||J||")
+    table(["t", "c", "rel. dist"], rows, ["", "12.3f", "12.3f"])
+    write_csv(ctx, "jacobian", ["t", "c", "rel_dist_from_cI"], [(r[0], f"{r[1]:.5f}", f"{r[2]:.5f}") for r in rows])
+
+    x_T, y = bank(ctx, 64)
+    x0_guide = sample(ctx.teacher, x_T, y, ctx.steps, W_CFG)
+    grads = {}
+    for name, loss_fn in (("msd", msd_loss), ("full", full_loss)):
+        x_hat = refine(ctx, x_T, y).requires_grad_()
+        per_sample = loss_fn(ctx.teacher, x_hat, y, x0_guide, N) * len(y)  # the mean over samples, times B
+        grads[name] = torch.autograd.grad(per_sample, x_hat)[0].flatten(1)
+    g_m, g_f = grads["msd"], grads["full"]
+    cos = (g_m * g_f).sum(1) / (g_m.norm(dim=1) * g_f.norm(dim=1))
+    k = (g_m * g_f).sum(1) / g_m.pow(2).sum(1)
+    print(f"MSD vs full-backprop gradient w.r.t. x_hat_T (N = {N}, 64 refined noises, CFG targets): cosine "
+          f"mean {cos.mean():.3f} (min {cos.min():.3f}); k = <g_full, g_msd> / |g_msd|^2 mean {k.mean():.3f} "
+          "(Proposition 2: k in (0, 1))")
+    print("wrote", os.path.join(ctx.out, "jacobian.csv"))
+    return {"rows": rows, "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), "k_mean": float(k.mean())}
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. Guidance-free noise by DDIM inversion (§3.1), against the refiner's
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def ddim_invert(model, x0, y, steps):
+    """Run eq. (1) backwards without guidance: x_t = (x_{t-1} - b_t eps) / a_t, eps taken at x_{t-1}
+    (the usual approximation: the exact eps at x_t is unknown before x_t is)."""
+    ts = ddim_timesteps(steps)
+    x = x0
+    for t, t_prev in reversed(list(zip(ts, ts[1:] + [-1]))):
+        a_t, b_t = ddim_coeffs(t, t_prev)
+        x = (x - b_t * model(x, timestep_batch(t, x), y)) / a_t
+    return x
+
+
+def analysis_inversion(ctx, inversion_steps=(20, 100)):
+    """Invert CFG samples with unguided DDIM at the sampling step count and at a finer one (the inversion's
+    eps-at-the-previous-point approximation shrinks with the step size), then sample unguided back."""
+    x_T, y = bank(ctx, min(ctx.n, 500))
+    x_cfg = sample_many(ctx.teacher, x_T, y, ctx.steps, W_CFG)
+    x_hat = refine(ctx, x_T, y)
+    score = ctx.evaluator.score
+    d_ref = (x_hat - x_T).flatten(1)
+    rows = [("Gaussian x_T", ctx.steps, score(sample_many(ctx.teacher, x_T, y, ctx.steps), y)["class_acc"],
+             float("nan"), 0.0, float("nan"), float("nan")),
+            ("refined x_hat_T", ctx.steps, score(sample_many(ctx.teacher, x_hat, y, ctx.steps), y)["class_acc"],
+             float("nan"), float(d_ref.abs().mean()), band_energy((x_hat - x_T))[0], 1.0)]
+    for steps in inversion_steps:
+        x_inv = torch.cat([ddim_invert(ctx.teacher, x_cfg[i:i + 250], y[i:i + 250], steps)
+                           for i in range(0, len(y), 250)])
+        recon = sample_many(ctx.teacher, x_inv, y, steps)
+        d_inv = (x_inv - x_T).flatten(1)
+        cos = float(((d_inv * d_ref).sum(1) / (d_inv.norm(dim=1) * d_ref.norm(dim=1))).mean())
+        rows.append(("inverted CFG sample", steps, score(recon, y)["class_acc"],
+                     10 * math.log10(4 / float((recon - x_cfg).pow(2).mean())), float(d_inv.abs().mean()),
+                     band_energy(x_inv - x_T)[0], cos))
+    print(f"{len(y)} CFG samples (w = {W_CFG:g}, {ctx.steps} steps) inverted by unguided DDIM, then sampled unguided "
+          "from the inverted noise x_T^guide; d = noise - x_T")
+    table(["noise", "steps", "acc unguided", "recon PSNR dB", "mean |d|", "low-band share", "cos(d, d_ref)"],
+          rows, ["", "", "12.3f", "12.1f", "12.4f", "12.3f", "12.3f"])
+    print(f"CFG itself: class acc {score(x_cfg, y)['class_acc']:.3f}; two independent noises: mean |d| 1.13, "
+          "low-band share 0.020")
+    write_csv(ctx, "inversion", ["noise", "steps", "class_acc_unguided", "recon_psnr_db", "mean_abs_diff",
+                                 "low_band_share", "cosine_with_refined_diff"],
+              [(r[0], r[1], *(f"{v:.4f}" for v in r[2:])) for r in rows])
+    idx = balanced_first(y, ctx.K, 1)
+    print("wrote", grid(ctx, "inversion", [x_cfg[idx], recon[idx], show_diff(x_inv[idx] - x_T[idx]),
+                                           show_diff(x_hat[idx] - x_T[idx])]),
+          f"(rows: CFG samples; their unguided reconstructions from the {inversion_steps[-1]}-step inverted noise; "
+          "inverted - x_T; refined - x_T. One column per class)")
+    return {"rows": rows}
+
+
+# ----------------------------------------------------------------------------------------------
+# 10. Samplers and step counts other than the one the refiner was trained with
+# ----------------------------------------------------------------------------------------------
+
+
+def analysis_samplers(ctx):
+    x_T, y = bank(ctx, min(ctx.n, 200))
+    x_hat = refine(ctx, x_T, y)
+    rows = []
+    for sampler in SAMPLERS:
+        for steps in (10, 20, 50):
+            for name, x, w in (("Gaussian", x_T, 0.0), (f"Gaussian + CFG {W_CFG:g}", x_T, W_CFG),
+                               ("refined", x_hat, 0.0)):
+                s = ctx.evaluator.score(sample_many(ctx.teacher, x, y, steps, w, sampler=sampler), y)
+                rows.append((sampler, steps, name, s["class_acc"], s["fd_cls"]))
+    print(f"{len(y)} held-out noises (FD_cls on so few samples is biased upward; compare within the table):")
+    table(["sampler", "steps", "noise", "class acc", "FD_cls"], rows, ["", "", "", "12.3f", "12.2f"])
+    print("wrote", write_csv(ctx, "samplers", ["sampler", "steps", "noise", "class_acc", "fd_cls"],
+                             [(*r[:3], f"{r[3]:.4f}", f"{r[4]:.3f}") for r in rows]))
+    return rows
+
+
+ANALYSES = {"diff": analysis_diff, "spectrum": analysis_spectrum, "layout": analysis_layout,
+            "trajectory": analysis_trajectory, "bandswap": analysis_bandswap, "slerp": analysis_slerp,
+            "mismatch": analysis_mismatch, "jacobian": analysis_jacobian, "inversion": analysis_inversion,
+            "samplers": analysis_samplers}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", choices=[*ANALYSES, "all"])
+    p.add_argument("--teacher", default="runs/teacher/ckpt.pt")
+    p.add_argument("--refiner", default="runs/refiner/ckpt.pt")
+    p.add_argument("--n", type=int, default=1000, help="held-out noises (some analyses use fewer, see each)")
+    p.add_argument("--steps", type=int, default=20, help="DDIM steps")
+    p.add_argument("--out", default="runs/analysis")
+    p.add_argument("--seed", type=int, default=0, help="seeds torch; the noise bank itself is fixed")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    if args.n < 20 or not 1 <= args.steps <= 1000:
+        die(f"--n must be >= 20 and --steps in 1..1000, got {args.n} and {args.steps}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    teacher, ckpt = load_teacher(args.teacher, device)
+    refiner = load_refiner(args.refiner, teacher, device)
+    ds = ckpt["data"]
+    try:
+        evaluator = load_or_train_classifier(ds["dataset"], ds["data_dir"], ds["image_size"], device)
+    except data.DataError as e:
+        die(str(e))
+    os.makedirs(args.out, exist_ok=True)
+    ctx = Context(teacher, refiner, evaluator, len(ds["classes"]), ds["image_size"], args.out, args.n, args.steps,
+                  (ds["dataset"], ds["data_dir"], ds["image_size"]))
+    results = {}
+    for name in (ANALYSES if args.name == "all" else [args.name]):
+        start = time.perf_counter()
+        print(f"\n== {name}")
+        results[name] = ANALYSES[name](ctx)
+        print(f"({time.perf_counter() - start:.0f} s)")
+    return results
+
+
+if __name__ == "__main__":
+    main()

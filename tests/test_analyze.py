@@ -1,0 +1,88 @@
+"""analyze.py and ablate.py: the helpers against closed forms, and every analysis and ablation row end to
+end on a tiny teacher (the numbers of the README come from the same code at full size)."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import ablate
+import analyze
+import evaluate
+import train_refiner
+import train_teacher
+from test_pipeline import make_folder
+
+
+def test_band_energy_of_white_noise_follows_the_bands_area_and_a_smooth_image_sits_low():
+    noise = torch.randn(400, 3, 16, 16)
+    area = [float(analyze.band_mask(16, b / 10, (b + 1) / 10).float().mean()) for b in range(10)]
+    assert sum(area) == pytest.approx(1.0)  # the bands tile the spectrum
+    assert analyze.band_energy(noise) == pytest.approx(area, abs=0.01)
+    smooth = torch.nn.functional.avg_pool2d(noise, 5, 1, 2)  # a low-pass filter
+    assert analyze.band_energy(smooth)[0] > 5 * area[0]
+
+
+def test_swap_band_and_slerp():
+    a, b = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    everything, nothing = analyze.band_mask(8, 0, 1.0), torch.zeros(8, 8, dtype=torch.bool)
+    assert everything.all()
+    assert torch.allclose(analyze.swap_band(a, b, everything), b, atol=1e-5)
+    assert torch.allclose(analyze.swap_band(a, b, nothing), a, atol=1e-5)
+    assert torch.allclose(analyze.slerp(a, b, 0.0), a, atol=1e-5) and torch.allclose(analyze.slerp(a, b, 1.0), b, atol=1e-5)
+    u, v = torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8)
+    u[0, 0, 0, 0], v[0, 0, 0, 1] = 1.0, 1.0  # orthogonal unit vectors: the midpoint has norm 1
+    assert analyze.slerp(u, v, 0.5).norm().item() == pytest.approx(1.0)
+    assert analyze.slerp(u, v, 0.5)[0, 0, 0, :2].tolist() == pytest.approx([math.sqrt(0.5)] * 2)
+
+
+def test_gaussian_prior_starts_as_the_identity():
+    prior = ablate.GaussianPrior(num_classes=3, size=8)
+    x_T = torch.randn(5, 3, 8, 8)
+    assert torch.equal(prior(x_T, torch.tensor([0, 1, 2, 0, 1])), x_T)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 4-step teacher and a 4-step refiner on a tiny image folder."""
+    root = tmp_path_factory.mktemp("analyze")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(evaluate, "CLASSIFIER_STEPS", 20)
+    folder = make_folder(root / "images")
+    train_teacher.main(["--dataset", "folder", "--data-dir", folder, "--image-size", "8", "--steps", "4",
+                        "--batch-size", "8", "--grid-every", "1000", "--out", str(root / "t"), "--device", "cpu"])
+    train_refiner.main(["--teacher", str(root / "t" / "ckpt.pt"), "--pairs", "40", "--guide-steps", "2",
+                        "--msd-steps", "2", "--steps", "4", "--val-every", "2", "--batch-size", "4", "--filter", "0",
+                        "--val-frac", "0.2", "--eval-n", "8", "--eval-steps", "2", "--out", str(root / "r"),
+                        "--device", "cpu"])
+    yield root
+    mp.undo()
+
+
+def test_every_analysis_runs_and_writes_its_files(tiny_run):
+    out = tiny_run / "analysis"
+    results = analyze.main(["all", "--teacher", str(tiny_run / "t" / "ckpt.pt"), "--refiner",
+                            str(tiny_run / "r" / "ckpt.pt"), "--n", "20", "--steps", "2", "--out", str(out)])
+    assert list(results) == list(analyze.ANALYSES)
+    for name in ("layout", "trajectory", "bandswap", "slerp", "mismatch", "inversion"):
+        assert os.path.isfile(out / f"{name}.png"), name
+    for name in analyze.ANALYSES:
+        if name != "layout":
+            assert os.path.isfile(out / f"{name}.csv"), name
+    assert results["diff"]["mean_independent"] == pytest.approx(2 / math.sqrt(math.pi), rel=0.1)  # E|N(0, 2)|
+    assert 0 <= results["spectrum"]["low_share_refined"] <= 1
+    assert len(results["jacobian"]["rows"]) == 8 and -1 <= results["jacobian"]["cosine_mean"] <= 1
+    assert len(results["samplers"]) == 3 * 3 * 3
+
+
+def test_every_ablation_row_runs(tiny_run):
+    out = tiny_run / "ablate"
+    ablate.main(["--teacher", str(tiny_run / "t" / "ckpt.pt"), "--pairs", "40", "--steps", "2", "--batch-size",
+                 "4", "--filter", "0", "--eval-n", "10", "--out", str(out), "--device", "cpu"])
+    rows = {r["name"]: r for r in json.load(open(out / "ablate.json"))["rows"]}
+    assert list(rows) == ablate.ROWS
+    nfe = {name: r["nfe_per_image"] for name, r in rows.items()}
+    assert nfe["gaussian"] == 20 and nfe["cfg"] == 40 and nfe["distill"] == 20 and nfe["noiserefine"] == 21
+    assert nfe["refined_cfg"] == 41  # one refinement, then 20 guided steps
+    assert all(r["train_seconds"] > 0 for name, r in rows.items() if name in ablate.TRAINED)
