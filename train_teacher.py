@@ -110,7 +110,8 @@ def setup(args, device):
         die(f"--batch-size {args.batch_size} is larger than the data set ({len(train)} images)")
     model = build_model(config).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    # fused AdamW: one kernel for all parameters on CUDA (CPU keeps the default, bit-identical to before)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=device.startswith("cuda") or None)
     gen = torch.Generator().manual_seed(args.seed)
     step, losses = 0, []
     if ckpt is not None:
@@ -141,7 +142,8 @@ def main(argv=None):
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model  # averages gradients
     net = torch.compile(net) if args.compile else net
     mine = slice(rank * args.batch_size // world, (rank + 1) * args.batch_size // world)  # this rank's rows
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))  # bf16 on GPUs
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # what autocast leaves in fp32
     null_class = len(meta["classes"])
     last = min(args.steps, args.stop_at or args.steps)
 
