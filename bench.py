@@ -66,7 +66,7 @@ def parse_args(argv=None):
     for name in args.models + args.teacher_models:
         if name not in PRESET_NAMES:
             die(f"--models/--teacher-models {name!r} is not one of {', '.join(PRESET_NAMES)}")
-    if min(args.steps + args.msd_steps) < 1 or args.batch_size < 1 or args.msd_batch < 1 or args.teacher_batch < 1 or args.repeats < 1:
+    if min(args.steps + args.msd_steps + [args.batch_size, args.msd_batch, args.teacher_batch, args.repeats]) < 1:
         die("--steps, --msd-steps and every batch size and --repeats must be >= 1")
     return args
 

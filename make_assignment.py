@@ -5,8 +5,9 @@ byte for byte. EXERCISES.md says what to implement and which pytest command grad
     python make_assignment.py --out ../noiserefine-student
     python make_assignment.py --out ../hw3 --only msd_loss full_loss
 
-Only the files git tracks (or would: untracked, not ignored) are copied (or, outside a git checkout, everything but .git, .venv, runs, data,
-samples and caches). It refuses to write inside this repository or into a folder that is not empty.
+Only the files git tracks (or would: untracked, not ignored) are copied; outside a git checkout, everything
+but .git, .venv, runs, data, samples and caches. It refuses to write inside this repository or into a
+folder that is not empty.
 """
 import argparse
 import os
@@ -27,7 +28,8 @@ def die(msg):
 
 def repository_files():
     try:
-        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, check=True).stdout
+        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                             capture_output=True, check=True).stdout
         return sorted(f for f in out.decode().split("\0") if f and os.path.isfile(os.path.join(ROOT, f)))
     except (OSError, subprocess.CalledProcessError):
         files = []

@@ -30,7 +30,8 @@ def test_swap_band_and_slerp():
     assert everything.all()
     assert torch.allclose(analyze.swap_band(a, b, everything), b, atol=1e-5)
     assert torch.allclose(analyze.swap_band(a, b, nothing), a, atol=1e-5)
-    assert torch.allclose(analyze.slerp(a, b, 0.0), a, atol=1e-5) and torch.allclose(analyze.slerp(a, b, 1.0), b, atol=1e-5)
+    assert torch.allclose(analyze.slerp(a, b, 0.0), a, atol=1e-5)
+    assert torch.allclose(analyze.slerp(a, b, 1.0), b, atol=1e-5)
     u, v = torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8)
     u[0, 0, 0, 0], v[0, 0, 0, 1] = 1.0, 1.0  # orthogonal unit vectors: the midpoint has norm 1
     assert analyze.slerp(u, v, 0.5).norm().item() == pytest.approx(1.0)
