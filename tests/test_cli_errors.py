@@ -100,6 +100,12 @@ CASES = [
     (("train_refiner.py", "--teacher", "{t}/teacher.pt", "--resume", "--out", "{t}/empty"), "--resume: no checkpoint"),
     (("train_refiner.py", "--lora-rank", "-1"), "--lora-rank must be >= 0"),
     (("train_refiner.py", "--teacher", "{t}/teacher.pt", "--device", "cuda"), "CUDA is not available"),
+    (("analyze.py", "diff", "--teacher", "{t}/teacher.pt", "--refiner", "{t}/missing.pt"),
+     "--refiner {t}/missing.pt: no such file"),
+    (("analyze.py", "layout", "--n", "5"), "--n must be >= 20"),
+    (("ablate.py", "--steps", "0"), "--steps, --pairs and --batch-size must be >= 1"),
+    (("bench.py", "--models", "resnet"), "--models/--teacher-models 'resnet' is not one of"),
+    (("make_assignment.py", "--out", "{t}/a_file"), "exists and is not an empty folder"),
 ]
 
 
