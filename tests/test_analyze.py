@@ -9,10 +9,8 @@ import torch
 
 import ablate
 import analyze
-import evaluate
 import train_refiner
-import train_teacher
-from test_pipeline import make_folder
+from test_pipeline import tiny_teacher
 
 
 def test_band_energy_of_white_noise_follows_the_bands_area_and_a_smooth_image_sits_low():
@@ -49,11 +47,7 @@ def tiny_run(tmp_path_factory):
     """A 4-step teacher and a 4-step refiner on a tiny image folder."""
     root = tmp_path_factory.mktemp("analyze")
     mp = pytest.MonkeyPatch()
-    mp.setattr(evaluate, "CLASSIFIER_STEPS", 20)
-    folder = make_folder(root / "images")
-    train_teacher.main(["--dataset", "folder", "--data-dir", folder, "--image-size", "8", "--steps", "4",
-                        "--batch-size", "8", "--grid-every", "1000", "--out", str(root / "t"), "--device", "cpu"])
-    train_refiner.main(["--teacher", str(root / "t" / "ckpt.pt"), "--pairs", "40", "--guide-steps", "2",
+    train_refiner.main(["--teacher", tiny_teacher(root, mp), "--pairs", "40", "--guide-steps", "2",
                         "--msd-steps", "2", "--steps", "4", "--val-every", "2", "--batch-size", "4", "--filter", "0",
                         "--val-frac", "0.2", "--eval-n", "8", "--eval-steps", "2", "--out", str(root / "r"),
                         "--device", "cpu"])

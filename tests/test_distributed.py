@@ -6,9 +6,7 @@ import sys
 
 import torch
 
-import evaluate
-import train_teacher
-from test_pipeline import make_folder
+from test_pipeline import make_folder, tiny_teacher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1")  # torchrun's default per process; the single run matches it
@@ -41,12 +39,7 @@ def test_two_process_teacher_matches_one_process_at_the_same_global_batch(tmp_pa
 
 
 def test_two_process_pair_generation_writes_the_same_shards(tmp_path, monkeypatch):
-    folder = make_folder(tmp_path / "images")
-    train_teacher.main(["--dataset", "folder", "--data-dir", folder, "--image-size", "8", "--steps", "4",
-                        "--batch-size", "8", "--grid-every", "1000", "--out", str(tmp_path / "t"), "--device", "cpu"])
-    monkeypatch.setattr(evaluate, "CLASSIFIER_STEPS", 20)  # cached next to the data: the subprocesses reuse it
-    evaluate.load_or_train_classifier("folder", folder, 8)
-    common = ["--teacher", str(tmp_path / "t" / "ckpt.pt"), "--pairs", "2000", "--guide-steps", "2",
+    common = ["--teacher", tiny_teacher(tmp_path, monkeypatch), "--pairs", "2000", "--guide-steps", "2",
               "--msd-steps", "2", "--steps", "2", "--val-every", "2", "--batch-size", "4", "--filter", "0",
               "--eval-n", "8", "--eval-steps", "2", "--device", "cpu"]
     run("train_refiner.py", [*common, "--pairs-dir", str(tmp_path / "p1"), "--out", str(tmp_path / "r1")])

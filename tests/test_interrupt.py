@@ -10,9 +10,8 @@ import time
 import pytest
 import torch
 
-import evaluate
 import train_teacher
-from test_pipeline import make_folder
+from test_pipeline import make_folder, tiny_teacher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,12 +60,7 @@ def test_teacher_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path):
 
 
 def test_pairs_and_refiner_killed_mid_run_resume_to_the_uninterrupted_result(tmp_path, monkeypatch):
-    folder = make_folder(tmp_path / "images")
-    train_teacher.main(["--dataset", "folder", "--data-dir", folder, "--image-size", "8", "--steps", "4",
-                        "--batch-size", "8", "--grid-every", "1000", "--out", str(tmp_path / "t"), "--device", "cpu"])
-    monkeypatch.setattr(evaluate, "CLASSIFIER_STEPS", 20)  # cached next to the data: the subprocesses reuse it
-    evaluate.load_or_train_classifier("folder", folder, 8)
-    common = ["--teacher", str(tmp_path / "t" / "ckpt.pt"), "--pairs", "2000", "--guide-steps", "2",
+    common = ["--teacher", tiny_teacher(tmp_path, monkeypatch), "--pairs", "2000", "--guide-steps", "2",
               "--msd-steps", "2", "--steps", "150", "--val-every", "10", "--batch-size", "4", "--filter", "0",
               "--eval-n", "8", "--eval-steps", "2", "--device", "cpu"]
     straight, killed = ["--pairs-dir", str(tmp_path / "p1"), "--out", str(tmp_path / "r1")], \

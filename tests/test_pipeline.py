@@ -28,13 +28,19 @@ def make_folder(root, per_class=20, size=12):
     return str(root)
 
 
-def test_train_refiner_end_to_end(tmp_path, monkeypatch):
+def tiny_teacher(root, monkeypatch):
+    """A 4-step teacher on a tiny image folder, with the evaluator's classifier (20 steps) trained and cached
+    next to the data, so that subprocesses reuse it. Returns the path of the teacher checkpoint."""
     monkeypatch.setattr(evaluate, "CLASSIFIER_STEPS", 20)
-    folder = make_folder(tmp_path / "images")
+    folder = make_folder(root / "images")
     train_teacher.main(["--dataset", "folder", "--data-dir", folder, "--image-size", "8", "--steps", "4",
-                        "--batch-size", "8", "--grid-every", "1000", "--out", str(tmp_path / "t"),
-                        "--device", "cpu"])
-    teacher = str(tmp_path / "t" / "ckpt.pt")
+                        "--batch-size", "8", "--grid-every", "1000", "--out", str(root / "t"), "--device", "cpu"])
+    evaluate.load_or_train_classifier("folder", folder, 8)
+    return str(root / "t" / "ckpt.pt")
+
+
+def test_train_refiner_end_to_end(tmp_path, monkeypatch):
+    teacher = tiny_teacher(tmp_path, monkeypatch)
     out = tmp_path / "r"
     train_refiner.main(["--teacher", teacher, "--pairs", "24", "--guide-steps", "3", "--msd-steps", "2",
                         "--steps", "4", "--val-every", "2", "--batch-size", "4", "--filter", "0",
