@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import data
 import train_refiner
-from checkpoint import build_model, die, fingerprint, resolve_device, seed_everything
+from checkpoint import build_model, die, fingerprint, load_refiner, resolve_device, seed_everything
 from diffusion import T, guided_eps, q_sample
 from evaluate import load_or_train_classifier, noise_bank, run_regime
 from noiserefine import Refiner, add_lora, lora_layers
@@ -49,7 +49,7 @@ TRAINED = {"noiserefine": [], "n5": ["--msd-steps", "5"], "nofilter": ["--filter
 class GaussianPrior(nn.Module):
     """x_hat_T = mu_c + sigma_c * x_T, with (mu_c, log sigma_c) = MLP(class embedding): a per-class Gaussian
     (the paper's PAHI baseline). Its last layer starts at zero, so it starts as the identity, like g_phi."""
-    rank, alpha = 0, 0
+    rank, alpha = 0, 0  # what train_refiner.train writes into the checkpoint of any refiner
 
     def __init__(self, num_classes, size, hidden=256):
         super().__init__()
@@ -149,8 +149,8 @@ def run_row(row, ctx, args):
     x_T, y = ctx["bank"]
     if row in ("gaussian", "cfg"):
         return run_regime(teacher, evaluator, x_T, y, row, 3.0 if row == "cfg" else 0.0)[0], 0.0
-    if row == "refined_cfg":
-        refiner = ctx["refiners"]["noiserefine"]
+    if row == "refined_cfg":  # the noiserefine row's refiner, as its training wrote it
+        refiner = load_refiner(os.path.join(args.out, "noiserefine", "ckpt.pt"), teacher, device)
         return run_regime(teacher, evaluator, x_T, y, row, args.small_w, refiner=refiner)[0], 0.0
     rargs = row_args(row, args)
     train_pairs, val = train_refiner.split_pairs(pairs, rargs)
@@ -163,14 +163,11 @@ def run_row(row, ctx, args):
     refiner = make_refiner(row, teacher, ctx["config"], ctx["size"], ctx["K"], rargs.lora_rank).to(device)
     refiner = train_refiner.train(refiner, teacher, train_pairs, val, rargs, device, ctx["fp"]).merge().eval()
     seconds = time.perf_counter() - start
-    ctx["refiners"][row] = refiner
     return run_regime(teacher, evaluator, x_T, y, row, 0.0, refiner=refiner)[0], seconds
 
 
 def cached(row, args):
     path = os.path.join(args.out, row, "metrics.json")
-    if row == "noiserefine" and "refined_cfg" in args.rows:
-        return None  # refined_cfg needs the trained refiner in memory
     if os.path.isfile(path):
         saved = json.load(open(path))
         if saved["settings"] == settings(row, args):
@@ -201,7 +198,8 @@ def main(argv=None):
     fp = fingerprint(teacher)
     pairs = train_refiner.load_pairs(teacher, evaluator, base, train_refiner.pairs_dir(base, path, fp), K, size)
     ctx = {"teacher": teacher, "evaluator": evaluator, "pairs": pairs, "device": device, "fp": fp, "K": K,
-           "size": size, "config": tckpt["config"], "refiners": {}, "bank": noise_bank(args.eval_n, K, (3, size, size))}
+           "size": size, "config": tckpt["config"],
+           "bank": noise_bank(args.eval_n, K, (3, size, size))}
     rows = []
     order = sorted(args.rows, key=ROWS.index)
     if "refined_cfg" in order and "noiserefine" not in order:

@@ -29,7 +29,7 @@ import data
 from checkpoint import die, load_refiner, load_teacher, resolve_device, seed_everything
 from diffusion import (ddim_coeffs, ddim_timesteps, q_sample, sample, sample_many, SAMPLERS,
                        timestep_batch)
-from evaluate import HELD_OUT_SEED, Evaluator, load_or_train_classifier, noise_bank, predict
+from evaluate import HELD_OUT_SEED, Evaluator, load_or_train_classifier, noise_bank
 from noiserefine import full_loss, msd_loss
 
 W_CFG = 3.0  # the CFG scale compared against: the middle of the pairs' default range [2, 4]
@@ -129,11 +129,6 @@ def balanced_first(y, K, per_class):
     return torch.cat([torch.nonzero(y == k)[:per_class, 0] for k in range(min(K, 10))])
 
 
-def classify(ctx, images):
-    """The evaluator's class for each image (scored as a saved PNG would be, like Evaluator.score)."""
-    return predict(ctx.evaluator.clf, data.to_float(data.to_uint8(images)), ctx.evaluator.device).argmax(1)
-
-
 def table(header, rows, fmt):
     """Print rows under a header: the first column left-aligned as wide as it needs, the rest 12 wide."""
     width = max(len(str(v)) for v in [header[0], *(r[0] for r in rows)])
@@ -153,7 +148,7 @@ def analysis_diff(ctx):
     other, _ = bank(ctx, seed=HELD_OUT_SEED + 1)  # an independent Gaussian noise for each x_T
     d_ref = (refine(ctx, x_T, y) - x_T).abs().flatten()
     d_ind = (other - x_T).abs().flatten()
-    stats = {name: (float(d.mean()), float(torch.quantile(d[::7], 0.99))) for name, d in
+    stats = {name: (float(d.mean()), float(torch.quantile(d, 0.99))) for name, d in
              (("refined - x_T", d_ref), ("independent", d_ind))}
     print(f"|x_hat_T - x_T| over {len(y)} held-out noises x {d_ref.numel() // len(y)} values:")
     table(["difference", "mean", "99th pct"], [(k, *v) for k, v in stats.items()], ["", "12.4f", "12.4f"])
@@ -266,20 +261,13 @@ def analysis_bandswap(ctx):
         rows.append((f"swap {b / 10:.1f}-{(b + 1) / 10:.1f}", closeness(images, refined, gauss),
                      ctx.evaluator.score(images, y)["class_acc"]))
     pictures.append(refined[shown])
-    low = band_mask(ctx.size, 0, 0.1)
-    keeps = {"refined low, rest zero": torch.where(low, torch.fft.fft2(x_hat), 0),
-             "refined low, rest re-drawn": None, "x_T low, rest re-drawn": None,
-             "refined high, low zero": torch.where(low, 0, torch.fft.fft2(x_hat)),
-             "refined high, low re-drawn": None}
-    for name in keeps:
-        if name == "refined low, rest re-drawn":
-            x = swap_band(fresh, x_hat, low)
-        elif name == "x_T low, rest re-drawn":
-            x = swap_band(fresh, x_T, low)
-        elif name == "refined high, low re-drawn":
-            x = swap_band(x_hat, fresh, low)
-        else:
-            x = torch.fft.ifft2(keeps[name]).real
+    low, zero = band_mask(ctx.size, 0, 0.1), torch.zeros_like(x_T)
+    keeps = [("refined low, rest zero", swap_band(zero, x_hat, low)),
+             ("refined low, rest re-drawn", swap_band(fresh, x_hat, low)),
+             ("x_T low, rest re-drawn", swap_band(fresh, x_T, low)),
+             ("refined high, low zero", swap_band(x_hat, zero, low)),
+             ("refined high, low re-drawn", swap_band(x_hat, fresh, low))]
+    for name, x in keeps:
         images = sample_many(ctx.teacher, x, y, ctx.steps)
         rows.append((name, closeness(images, refined, gauss), ctx.evaluator.score(images, y)["class_acc"]))
     acc = ctx.evaluator.score
@@ -342,7 +330,7 @@ def analysis_mismatch(ctx):
     rows, images = [], {}
     for name, x, c in cases:
         images[name] = sample_many(ctx.teacher, x, c, ctx.steps)
-        cls = classify(ctx, images[name])
+        cls = ctx.evaluator.classify(images[name])
         rows.append((name, float((cls == a).float().mean()), float((cls == b).float().mean())))
     print(f"b = a + 1 (mod {ctx.K}); shares of {len(a)} samples the classifier puts in class a and in class b:")
     table(["case", "share a", "share b"], rows, ["", "12.3f", "12.3f"])
@@ -359,37 +347,44 @@ def analysis_mismatch(ctx):
 # ----------------------------------------------------------------------------------------------
 
 
+def distance_from_cI(teacher, x_t, t, y):
+    """(c, ||J - cI|| / ||J||) for J = d eps / d x_t at one image; c = tr(J) / d is the multiple of the
+    identity nearest to J in Frobenius norm. Proposition 2 needs the distance to be small."""
+    f = lambda x: teacher(x.view_as(x_t), timestep_batch(t, x_t), y).flatten()  # noqa: E731
+    J = torch.autograd.functional.jacobian(f, x_t.flatten(), vectorize=True)  # (d, d), one batched backward
+    c = torch.trace(J) / J.shape[0]
+    return float(c), float((J - c * torch.eye(J.shape[0])).norm() / J.norm())
+
+
+def msd_and_full_gradients(ctx, x_T, y, x0_guide, N):
+    """d loss / d x_hat_T per sample, for L_MSD and for full backprop (L_Denoise), flattened."""
+    grads = []
+    for loss_fn in (msd_loss, full_loss):
+        x_hat = refine(ctx, x_T, y).requires_grad_()
+        per_sample = loss_fn(ctx.teacher, x_hat, y, x0_guide, N) * len(y)  # the mean over samples, times B
+        grads.append(torch.autograd.grad(per_sample, x_hat)[0].flatten(1))
+    return grads
+
+
 def analysis_jacobian(ctx, samples=4, N=10):
     test = data.load_dataset(*ctx.dataset_args, "test")
     gen = torch.Generator().manual_seed(0)
-    x0 = test.batch(torch.randint(len(test), (samples,), generator=gen))
+    images, labels = test.batch(torch.randint(len(test), (samples,), generator=gen))
     rows = []
     for t in (999, 799, 599, 399, 199, 99, 49, 9):
-        dists, cs = [], []
-        for i in range(samples):
-            x_t = q_sample(x0[0][i:i + 1], torch.tensor([t]), torch.randn(x0[0][i:i + 1].shape, generator=gen))
-            y = x0[1][i:i + 1]
-            f = lambda x: ctx.teacher(x.view(1, 3, ctx.size, ctx.size), timestep_batch(t, x_t), y).flatten()
-            J = torch.autograd.functional.jacobian(f, x_t.flatten(), vectorize=True)  # (d, d), one batched backward
-            c = torch.trace(J) / J.shape[0]  # the nearest multiple of I in Frobenius norm
-            dists.append(float((J - c * torch.eye(J.shape[0])).norm() / J.norm()))
-            cs.append(float(c))
-        rows.append((t, sum(cs) / samples, sum(dists) / samples))
+        per_image = [distance_from_cI(ctx.teacher, q_sample(x, torch.tensor([t]), torch.randn(x.shape, generator=gen)),
+                                      t, labels[i:i + 1])
+                     for i, x in enumerate(images.split(1))]
+        rows.append((t, sum(c for c, _ in per_image) / samples, sum(d for _, d in per_image) / samples))
     print(f"Jacobian of eps w.r.t. x_t ({3 * ctx.size * ctx.size} x {3 * ctx.size * ctx.size}, {samples} real "
           "test images noised to t): c = tr(J)/d and ||J - cI|| / ||J||")
     table(["t", "c", "rel. dist"], rows, ["", "12.3f", "12.3f"])
     write_csv(ctx, "jacobian", ["t", "c", "rel_dist_from_cI"], [(r[0], f"{r[1]:.5f}", f"{r[2]:.5f}") for r in rows])
 
     x_T, y = bank(ctx, 64)
-    x0_guide = sample(ctx.teacher, x_T, y, ctx.steps, W_CFG)
-    grads = {}
-    for name, loss_fn in (("msd", msd_loss), ("full", full_loss)):
-        x_hat = refine(ctx, x_T, y).requires_grad_()
-        per_sample = loss_fn(ctx.teacher, x_hat, y, x0_guide, N) * len(y)  # the mean over samples, times B
-        grads[name] = torch.autograd.grad(per_sample, x_hat)[0].flatten(1)
-    g_m, g_f = grads["msd"], grads["full"]
+    g_m, g_f = msd_and_full_gradients(ctx, x_T, y, sample(ctx.teacher, x_T, y, ctx.steps, W_CFG), N)
     cos = (g_m * g_f).sum(1) / (g_m.norm(dim=1) * g_f.norm(dim=1))
-    k = (g_m * g_f).sum(1) / g_m.pow(2).sum(1)
+    k = (g_m * g_f).sum(1) / g_m.pow(2).sum(1)  # Proposition 2's k, if g_full were a multiple of g_msd
     print(f"MSD vs full-backprop gradient w.r.t. x_hat_T (N = {N}, 64 refined noises, CFG targets): cosine "
           f"mean {cos.mean():.3f} (min {cos.min():.3f}); k = <g_full, g_msd> / |g_msd|^2 mean {k.mean():.3f} "
           "(Proposition 2: k in (0, 1))")

@@ -118,12 +118,9 @@ def guided_eps(model, x, t, y, w=0.0, pag=0.0):
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampling
-# ----------------------------------------------------------------------------------------------
-
-# ----------------------------------------------------------------------------------------------
-# Other samplers on the same timesteps (the paper's Fig. 29: refined noise under other solvers)
-# Each takes the current x_t, its eps and x0 prediction, and returns x at t_prev plus what it carries.
+# Sampling: one loop, three update rules on the same timesteps (DDIM is the paper's; the others are
+# for its Fig. 29, refined noise under other solvers). Each rule takes the current x_t, its eps and x0
+# prediction, and returns x at t_prev plus what it carries to the next step.
 # Notation: alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), lambda_t = log(alpha_t / sigma_t).
 # ----------------------------------------------------------------------------------------------
 

@@ -133,6 +133,11 @@ def inception_score(probs):
     return float(torch.exp((probs * (probs.log() - p_y.log())).sum(1).mean()))
 
 
+def as_saved(images):
+    """What a saved PNG would hold: images are scored after 8-bit quantisation, like real ones."""
+    return data.to_float(data.to_uint8(images))
+
+
 class Evaluator:
     def __init__(self, clf, test, test_acc, device="cpu"):
         self.clf, self.device, self.test_acc = clf, device, test_acc
@@ -140,13 +145,16 @@ class Evaluator:
 
     def score(self, images, labels):
         """images in [-1, 1] (N, 3, H, W), intended labels (N,) -> class_acc, fd_cls, is_cls."""
-        images = data.to_float(data.to_uint8(images))  # score what a saved PNG would hold
-        feats = predict(self.clf, images, self.device, features=True)
+        feats = predict(self.clf, as_saved(images), self.device, features=True)
         with torch.no_grad():
             probs = self.clf.head(feats.to(self.device)).softmax(1).cpu()
         return {"class_acc": (probs.argmax(1) == labels).float().mean().item(),
                 "fd_cls": frechet_distance(*gaussian_stats(feats), *self.real_stats),
                 "is_cls": inception_score(probs)}
+
+    def classify(self, images):
+        """The classifier's class for each image, scored as in `score`."""
+        return predict(self.clf, as_saved(images), self.device).argmax(1)
 
     def confidence(self, images, labels):
         """p(label | image) under the classifier: the pairs' quality filter uses it."""
