@@ -4,7 +4,8 @@
     python ablate.py --rows n5 lora  # some rows
 
 Same teacher, same guided pairs (the cache `train_refiner.py` made), same training budget (--steps at
-batch 32), same held-out noises. Rows:
+batch 32), same held-out noises (the test bank), scored by the judge; every trained row is trained with
+each of --seeds, and the table gives the mean, the spread over seeds and a 95% interval. Rows:
 
     gaussian, cfg       Gaussian noise unguided, and with CFG (w = 3): no training
     noiserefine         the default refiner: N = 10 MSD steps, quality filter on, whole copy fine-tuned
@@ -15,17 +16,21 @@ batch 32), same held-out noises. Rows:
     gaussian_prior      an MLP giving a Gaussian mean and diagonal std per class (PAHI, paper Tab. 7: 217.3)
     distill             guidance distillation: LoRA on the teacher trained to output the CFG eps directly,
                         then sampled unguided from Gaussian noise (the competing approach, paper Fig. 11)
+    eps_scaled          the former default: the MSD loss divided by prod(a_t)^2 before AdamW, which equals AdamW's
+                        eps times prod(a_t)^2 (eps then dominates sqrt(v) for most weights early in training)
     refined_cfg         the default refiner's noise with a small CFG (w = 0.5): no training
 
-Writes --out/ablate.json and --out/ablate.csv; a finished row is cached in --out/<row>/metrics.json and
-reused when its settings are unchanged.
+Writes --out/ablate.json and --out/ablate.csv; a finished row and seed is cached in
+--out/<row>/seed<k>/ and reused when its settings are unchanged.
 """
 import argparse
 import copy
 import csv
+import dataclasses
 import json
 import math
 import os
+import statistics
 import time
 
 import torch
@@ -33,17 +38,20 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import data
+import noises
 import train_refiner
-from checkpoint import build_model, die, fingerprint, load_refiner, resolve_device, seed_everything
+from checkpoint import build_model, die, fingerprint, load_refiner, resolve_device, save_atomic, seed_everything
 from diffusion import T, guided_eps, q_sample
-from evaluate import load_or_train_classifier, noise_bank, run_regime
-from noiserefine import Refiner, add_lora, lora_layers
+from evaluate import (Measured, judge_line, load_filter, load_judge, print_difference, run_regime, seeds_interval,
+                      write_json)
+from noiserefine import Refiner, add_lora, lora_layers, prod_a
 
+DISPLAY_W = 3.0  # the cfg row's scale: the middle of the pairs' default range [2, 4]
 ROWS = ["gaussian", "cfg", "noiserefine", "n5", "nofilter", "lora", "scratch", "gaussian_prior", "distill",
-        "refined_cfg"]
+        "eps_scaled", "refined_cfg"]
 TRAINED = {"noiserefine": [], "n5": ["--msd-steps", "5"], "nofilter": ["--filter", "0"],
            "lora": ["--lora-rank", "8", "--lr", "1e-3"], "scratch": [], "gaussian_prior": ["--lr", "1e-2"],
-           "distill": ["--lr", "1e-3"]}
+           "distill": ["--lr", "1e-3"], "eps_scaled": ["--adam-eps", f"{1e-8 * prod_a(10) ** 2:.4g}"]}
 
 
 class GaussianPrior(nn.Module):
@@ -112,8 +120,14 @@ def train_distilled(teacher, pairs, args, device):
 
 
 # ----------------------------------------------------------------------------------------------
-# The table
+# The table: every trained row over several seeds, scored by the judge on the test bank
 # ----------------------------------------------------------------------------------------------
+
+# The paper's claims, each a (row, baseline) difference printed with its interval and verdict.
+COMPARISONS = [("noiserefine", "cfg"), ("n5", "noiserefine"), ("nofilter", "noiserefine"),
+               ("noiserefine", "scratch"), ("lora", "scratch"), ("noiserefine", "gaussian_prior"),
+               ("distill", "cfg"), ("noiserefine", "distill"), ("eps_scaled", "noiserefine"),
+               ("refined_cfg", "noiserefine")]
 
 
 def parse_args(argv=None):
@@ -126,116 +140,153 @@ def parse_args(argv=None):
     p.add_argument("--filter", type=float, default=0.9, help="the quality filter of every row but nofilter")
     p.add_argument("--small-w", type=float, default=0.5, help="CFG scale of the refined_cfg row")
     p.add_argument("--eval-n", type=int, default=1000)
+    p.add_argument("--bank", default="test", choices=noises.BANKS, help="held-out noises (dev: for choosing)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="training seeds of every trained row (the pairs and the noises stay the same)")
     p.add_argument("--out", default="runs/ablate")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     if args.steps < 1 or args.pairs < 1 or args.batch_size < 1 or args.eval_n < 10 or args.small_w < 0:
         die("--steps, --pairs and --batch-size must be >= 1, --eval-n >= 10, --small-w >= 0")
+    if len(set(args.seeds)) != len(args.seeds):
+        die(f"--seeds must differ from each other, got {args.seeds}")
     return args
 
 
-def row_args(row, args):
+def row_args(row, args, seed):
     """train_refiner's settings for a row: its defaults, the shared budget, the row's change."""
     return train_refiner.parse_args(["--teacher", args.teacher, "--steps", str(args.steps), "--pairs",
-                                     str(args.pairs), "--seed", str(args.seed), "--val-every", str(args.steps),
+                                     str(args.pairs), "--seed", str(seed), "--val-every", str(args.steps),
                                      "--batch-size", str(args.batch_size), "--filter", str(args.filter),
-                                     "--out", os.path.join(args.out, row), *TRAINED.get(row, [])])
+                                     "--out", row_dir(row, args, seed), *TRAINED.get(row, [])])
 
 
-def run_row(row, ctx, args):
-    """Train what the row needs (timed), then sample the held-out noises. Returns the table row."""
-    teacher, evaluator, pairs, device = ctx["teacher"], ctx["evaluator"], ctx["pairs"], ctx["device"]
-    x_T, y = ctx["bank"]
-    if row in ("gaussian", "cfg"):
-        return run_regime(teacher, evaluator, x_T, y, row, 3.0 if row == "cfg" else 0.0)[0], 0.0
-    if row == "refined_cfg":  # the noiserefine row's refiner, as its training wrote it
-        refiner = load_refiner(os.path.join(args.out, "noiserefine", "ckpt.pt"), teacher, device)
-        return run_regime(teacher, evaluator, x_T, y, row, args.small_w, refiner=refiner)[0], 0.0
-    rargs = row_args(row, args)
-    train_pairs, val = train_refiner.split_pairs(pairs, rargs)
-    seed_everything(args.seed)
-    start = time.perf_counter()
-    if row == "distill":
-        student = train_distilled(teacher, train_pairs, rargs, device)
+def row_dir(row, args, seed):
+    return os.path.join(args.out, row, f"seed{seed}")
+
+
+def run_row(row, seed, ctx, args):
+    """Train what the row needs with this seed (timed), then sample the held-out noises.
+    Returns (table row, what the judge measured, training seconds)."""
+    teacher, device = ctx["teacher"], ctx["device"]
+    model, refiner, w, seconds = teacher, None, 0.0, 0.0
+    if row == "cfg":
+        w = DISPLAY_W
+    elif row == "refined_cfg":  # the noiserefine row's refiner of this seed, as its training wrote it
+        refiner = load_refiner(os.path.join(row_dir("noiserefine", args, seed), "ckpt.pt"), teacher, device)
+        w = args.small_w
+    elif row in TRAINED:
+        rargs = row_args(row, args, seed)
+        train_pairs, val = train_refiner.split_pairs(ctx["pairs"], rargs)
+        seed_everything(seed)
+        start = time.perf_counter()
+        if row == "distill":
+            model = train_distilled(teacher, train_pairs, rargs, device)
+        else:
+            refiner = make_refiner(row, teacher, ctx["config"], ctx["size"], ctx["K"], rargs.lora_rank).to(device)
+            refiner = train_refiner.train(refiner, teacher, train_pairs, val, rargs, device, ctx["fp"]).merge()
         seconds = time.perf_counter() - start
-        return run_regime(student, evaluator, x_T, y, row, 0.0)[0], seconds
-    refiner = make_refiner(row, teacher, ctx["config"], ctx["size"], ctx["K"], rargs.lora_rank).to(device)
-    refiner = train_refiner.train(refiner, teacher, train_pairs, val, rargs, device, ctx["fp"]).merge().eval()
-    seconds = time.perf_counter() - start
-    return run_regime(teacher, evaluator, x_T, y, row, 0.0, refiner=refiner)[0], seconds
+    x_T, y = ctx["bank"]
+    metrics, _, measured = run_regime(model, ctx["judge"], x_T, y, row, w, refiner=refiner, intervals=False)
+    return metrics, measured, seconds
 
 
-def cached(row, args):
-    path = os.path.join(args.out, row, "metrics.json")
-    if os.path.isfile(path):
+def settings(row, seed, args, ctx):
+    """Everything a cached row depends on: a change to any of them reruns the row."""
+    return {"row": row, "seed": seed, "steps": args.steps, "pairs": args.pairs, "batch_size": args.batch_size,
+            "filter": args.filter, **ctx["fingerprints"], "bank": args.bank, "eval_n": args.eval_n,
+            "small_w": args.small_w, "extra": TRAINED.get(row)}
+
+
+def get_row(row, seed, ctx, args):
+    """(table row, measured, seconds) of one row and seed, from its cache when its settings are unchanged."""
+    folder = row_dir(row, args, seed)
+    path = os.path.join(folder, "metrics.json")
+    if os.path.isfile(path) and os.path.isfile(os.path.join(folder, "measured.pt")):
         saved = json.load(open(path))
-        if saved["settings"] == settings(row, args):
-            return saved["row"], saved["train_seconds"]
-    return None
+        if saved["settings"] == settings(row, seed, args, ctx):
+            m = torch.load(os.path.join(folder, "measured.pt"), weights_only=True)
+            return saved["row"], Measured(**m), saved["train_seconds"]
+    metrics, measured, seconds = run_row(row, seed, ctx, args)
+    os.makedirs(folder, exist_ok=True)
+    save_atomic(dataclasses.asdict(measured), os.path.join(folder, "measured.pt"))
+    write_json({"settings": settings(row, seed, args, ctx), "row": metrics, "train_seconds": seconds}, path)
+    return metrics, measured, seconds
 
 
-def settings(row, args):
-    return {"row": row, "steps": args.steps, "pairs": args.pairs, "batch_size": args.batch_size,
-            "filter": args.filter, "seed": args.seed,
-            "teacher": args.teacher,
-            "eval_n": args.eval_n, "small_w": args.small_w, "extra": TRAINED.get(row)}
+def summarise(row, results, judge):
+    """One table row over seeds: mean scores, min-max over seeds, and 95% intervals over noises and seeds."""
+    metrics = [m for m, _, _ in results]
+    runs = [r for _, r, _ in results]
+    mean = {k: statistics.mean(m[k] for m in metrics) for k in ("class_acc", "fd_cls", "is_cls", "precision",
+                                                                 "recall", "diversity", "nfe_per_image")}
+    mean["train_seconds"] = statistics.mean(s for _, _, s in results)
+    for key in ("class_acc", "fd_cls"):
+        mean[f"{key}_seeds"] = [min(m[key] for m in metrics), max(m[key] for m in metrics)]
+        mean[f"{key}_ci"] = seeds_interval(judge, runs, key=key)[1:]
+    return {"name": row, "seeds": len(results), **mean}
+
+
+def print_rows(rows):
+    print(f"{'row':<15} {'seeds':>5} {'class_acc [95% CI] (seed min-max)':>36} {'FD_cls [95% CI] (seed min-max)':>34} "
+          f"{'IS_cls':>6} {'prec':>5} {'recall':>6} {'divers':>6} {'NFE/img':>7} {'train s':>7}")
+    for r in rows:
+        a, ac, fd, fc = r["class_acc_ci"], r["class_acc_seeds"], r["fd_cls_ci"], r["fd_cls_seeds"]
+        print(f"{r['name']:<15} {r['seeds']:>5} {r['class_acc']:>7.3f} [{a[0]:.3f}, {a[1]:.3f}] ({ac[0]:.3f}-{ac[1]:.3f}) "
+              f"{r['fd_cls']:>6.2f} [{fd[0]:>5.2f}, {fd[1]:>5.2f}] ({fc[0]:.2f}-{fc[1]:.2f}) {r['is_cls']:>6.2f} "
+              f"{r['precision']:>5.3f} {r['recall']:>6.3f} {r['diversity']:>6.3f} {r['nfe_per_image']:>7.1f} "
+              f"{r['train_seconds']:>7.0f}")
 
 
 def main(argv=None):
     args = parse_args(argv)
     device = resolve_device(args.device)
-    seed_everything(args.seed)
-    base = train_refiner.parse_args(["--teacher", args.teacher, "--pairs", str(args.pairs), "--seed",
-                                     str(args.seed)])
+    seed_everything(0)
+    base = train_refiner.parse_args(["--teacher", args.teacher, "--pairs", str(args.pairs)])  # pairs of seed 0
     teacher, tckpt, path = train_refiner.get_teacher(base, device)
     ds = tckpt["data"]
     K, size = len(ds["classes"]), ds["image_size"]
     try:
-        evaluator = load_or_train_classifier(ds["dataset"], ds["data_dir"], size, device)
+        pair_filter = load_filter(ds["dataset"], ds["data_dir"], size, device)
+        judge = load_judge(ds["dataset"], ds["data_dir"], size, device)
     except data.DataError as e:
         die(str(e))
     fp = fingerprint(teacher)
-    pairs = train_refiner.load_pairs(teacher, evaluator, base, train_refiner.pairs_dir(base, path, fp), K, size)
-    ctx = {"teacher": teacher, "evaluator": evaluator, "pairs": pairs, "device": device, "fp": fp, "K": K,
-           "size": size, "config": tckpt["config"],
-           "bank": noise_bank(args.eval_n, K, (3, size, size))}
-    rows = []
+    pairs = train_refiner.load_pairs(teacher, pair_filter, base, train_refiner.pairs_dir(base, path, fp), K, size)
+    ctx = {"teacher": teacher, "judge": judge, "pair_filter": pair_filter, "pairs": pairs, "device": device,
+           "fp": fp, "K": K, "size": size, "config": tckpt["config"],
+           "bank": noises.bank(args.bank, args.eval_n, K, (3, size, size)),
+           "fingerprints": {"teacher": fp, "judge": judge.trained.fingerprint(), "pair_filter": pair_filter.fingerprint()}}
     order = sorted(args.rows, key=ROWS.index)
     if "refined_cfg" in order and "noiserefine" not in order:
         order.insert(order.index("refined_cfg"), "noiserefine")
+    results = {}
     for row in order:
-        print(f"\n== {row}")
-        result = cached(row, args) or run_row(row, ctx, args)
-        metrics, seconds = result
-        os.makedirs(os.path.join(args.out, row), exist_ok=True)
-        save_json({"settings": settings(row, args), "row": metrics, "train_seconds": seconds},
-                  os.path.join(args.out, row, "metrics.json"))
-        rows.append({**metrics, "name": row, "train_seconds": seconds})
-        print_rows(rows[-1:])
-    print(f"\nablations: {args.eval_n} held-out noises, 20 DDIM steps; trained rows: {args.steps} steps at batch "
-          f"{args.batch_size} "
-          f"on the same {args.pairs} pairs")
+        seeds = [0] if row in ("gaussian", "cfg") else args.seeds  # no training: nothing random to vary
+        results[row] = []
+        for seed in seeds:
+            print(f"\n== {row}, seed {seed}")
+            results[row].append(get_row(row, seed, ctx, args))
+    rows = [summarise(row, results[row], judge) for row in order]
+    print(f"\nablations: {args.eval_n} held-out noises ({args.bank} bank), 20 DDIM steps; trained rows: "
+          f"{args.steps} steps at batch {args.batch_size} on the same {args.pairs} pairs, seeds {args.seeds}; "
+          f"95% intervals from a bootstrap over noises and seeds\n{judge_line(judge, pair_filter)}")
     print_rows(rows)
-    save_json({"rows": rows, "args": vars(args)}, os.path.join(args.out, "ablate.json"))
+    comparisons = {}
+    for a, b in COMPARISONS:
+        if a in results and b in results:
+            runs = ([r for _, r, _ in results[a]], [r for _, r, _ in results[b]])
+            diff = {key: seeds_interval(judge, *runs, key=key) for key in ("class_acc", "fd_cls")}
+            comparisons[f"{a} - {b}"] = diff
+            print_difference(a, b, diff)
+    write_json({"rows": rows, "comparisons": comparisons, "judge": judge.info(), "filter": pair_filter.info(),
+                "bank": args.bank, "args": vars(args)}, os.path.join(args.out, "ablate.json"))
     with open(os.path.join(args.out, "ablate.csv.tmp"), "w", newline="") as f:
-        keys = ["name", "w", "class_acc", "fd_cls", "is_cls", "nfe_per_image", "sec_per_image", "train_seconds"]
+        keys = ["name", "seeds", "class_acc", "fd_cls", "is_cls", "precision", "recall", "diversity", "nfe_per_image",
+                "train_seconds"]
         csv.writer(f).writerows([keys] + [[r[k] for k in keys] for r in rows])
     os.replace(os.path.join(args.out, "ablate.csv.tmp"), os.path.join(args.out, "ablate.csv"))
     print(f"wrote {args.out}/ablate.json and {args.out}/ablate.csv")
-
-
-def save_json(obj, path):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
-
-
-def print_rows(rows):
-    print(f"{'row':<15} {'w':>4} {'class_acc':>9} {'FD_cls':>7} {'IS_cls':>6} {'NFE/img':>7} {'train s':>8}")
-    for r in rows:
-        print(f"{r['name']:<15} {r['w']:>4.1f} {r['class_acc']:>9.3f} {r['fd_cls']:>7.2f} {r['is_cls']:>6.2f} "
-              f"{r['nfe_per_image']:>7.1f} {r['train_seconds']:>8.0f}")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@
     python analyze.py all
 
 Each prints its numbers and writes --out/<name>.png (an image grid) and/or --out/<name>.csv (curves; also
-<name>_plot.png when matplotlib happens to be installed). Noises come from the held-out bank, never a
-training x_T. Defaults: the teacher and refiner that `python train_refiner.py` writes.
+<name>_plot.png when matplotlib happens to be installed). Noises come from the dev bank of held-out noises
+(never a training x_T, and never the test bank of the final tables); scores are the judge's. Defaults: the
+teacher and refiner that `python train_refiner.py` writes.
 """
 import argparse
 import csv
@@ -26,10 +27,11 @@ from dataclasses import dataclass
 import torch
 
 import data
+import noises
 from checkpoint import die, load_refiner, load_teacher, resolve_device, seed_everything
 from diffusion import (ddim_coeffs, ddim_timesteps, q_sample, sample, sample_many, SAMPLERS,
                        timestep_batch)
-from evaluate import HELD_OUT_SEED, Evaluator, load_or_train_classifier, noise_bank
+from evaluate import Judge, judge_line, load_judge
 from noiserefine import full_loss, msd_loss
 
 W_CFG = 3.0  # the CFG scale compared against: the middle of the pairs' default range [2, 4]
@@ -39,7 +41,7 @@ W_CFG = 3.0  # the CFG scale compared against: the middle of the pairs' default 
 class Context:
     teacher: torch.nn.Module
     refiner: torch.nn.Module
-    evaluator: Evaluator
+    judge: Judge
     K: int
     size: int
     out: str
@@ -59,8 +61,9 @@ def refine(ctx, x_T, y, batch_size=250):
     return torch.cat([ctx.refiner(x_T[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(y), batch_size)])
 
 
-def bank(ctx, n=None, seed=HELD_OUT_SEED):
-    return noise_bank(n or ctx.n, ctx.K, (3, ctx.size, ctx.size), seed)
+def bank(ctx, n=None, index=0):
+    """Noises of the dev bank (the test bank is kept for the final tables); index 1: independent others."""
+    return noises.bank("dev", n or ctx.n, ctx.K, (3, ctx.size, ctx.size), index)
 
 
 def radius(size):
@@ -145,7 +148,7 @@ def table(header, rows, fmt):
 
 def analysis_diff(ctx):
     x_T, y = bank(ctx)
-    other, _ = bank(ctx, seed=HELD_OUT_SEED + 1)  # an independent Gaussian noise for each x_T
+    other, _ = bank(ctx, index=1)  # an independent Gaussian noise for each x_T
     d_ref = (refine(ctx, x_T, y) - x_T).abs().flatten()
     d_ind = (other - x_T).abs().flatten()
     stats = {name: (float(d.mean()), float(torch.quantile(d, 0.99))) for name, d in
@@ -168,7 +171,7 @@ def analysis_diff(ctx):
 
 def analysis_spectrum(ctx):
     x_T, y = bank(ctx)
-    other, _ = bank(ctx, seed=HELD_OUT_SEED + 1)
+    other, _ = bank(ctx, index=1)
     e_ref, e_ind = band_energy(refine(ctx, x_T, y) - x_T), band_energy(other - x_T)
     print("share of the difference's FFT energy per radial band (0 = DC, 1 = the corner frequency):")
     rows = [(f"{b / 10:.1f}-{(b + 1) / 10:.1f}", e_ref[b], e_ind[b]) for b in range(10)]
@@ -215,7 +218,7 @@ def analysis_trajectory(ctx):
     acc, dist, examples = {}, {}, {}
     for name, (x, w) in regimes.items():
         final, x0s = sample(ctx.teacher, x, y, ctx.steps, w, return_x0=True)
-        acc[name] = [ctx.evaluator.score(x0, y)["class_acc"] for x0 in x0s]
+        acc[name] = [ctx.judge.score(x0, y)["class_acc"] for x0 in x0s]
         # how much of the final image is already there at each step
         dist[name] = [float((x0.clamp(-1, 1) - final).pow(2).mean().sqrt()) for x0 in x0s]
         examples[name] = torch.stack(x0s, 1)[:3]  # (3 noises, steps, 3, H, W)
@@ -249,7 +252,7 @@ def closeness(images, refined, gauss):
 def analysis_bandswap(ctx):
     x_T, y = bank(ctx, min(ctx.n, 300))
     x_hat = refine(ctx, x_T, y)
-    fresh, _ = bank(ctx, len(y), seed=HELD_OUT_SEED + 1)
+    fresh, _ = bank(ctx, len(y), index=1)
     refined = sample_many(ctx.teacher, x_hat, y, ctx.steps)
     gauss = sample_many(ctx.teacher, x_T, y, ctx.steps)
     rows, shown = [], balanced_first(y, ctx.K, 1)
@@ -259,7 +262,7 @@ def analysis_bandswap(ctx):
         images = sample_many(ctx.teacher, swapped, y, ctx.steps)
         pictures.append(images[shown])
         rows.append((f"swap {b / 10:.1f}-{(b + 1) / 10:.1f}", closeness(images, refined, gauss),
-                     ctx.evaluator.score(images, y)["class_acc"]))
+                     ctx.judge.score(images, y)["class_acc"]))
     pictures.append(refined[shown])
     low, zero = band_mask(ctx.size, 0, 0.1), torch.zeros_like(x_T)
     keeps = [("refined low, rest zero", swap_band(zero, x_hat, low)),
@@ -269,8 +272,8 @@ def analysis_bandswap(ctx):
              ("refined high, low re-drawn", swap_band(x_hat, fresh, low))]
     for name, x in keeps:
         images = sample_many(ctx.teacher, x, y, ctx.steps)
-        rows.append((name, closeness(images, refined, gauss), ctx.evaluator.score(images, y)["class_acc"]))
-    acc = ctx.evaluator.score
+        rows.append((name, closeness(images, refined, gauss), ctx.judge.score(images, y)["class_acc"]))
+    acc = ctx.judge.score
     print(f"{len(y)} noises; closeness: 1 = the refined sample, 0 = as far as the Gaussian sample; "
           f"class acc of Gaussian {acc(gauss, y)['class_acc']:.3f}, of refined {acc(refined, y)['class_acc']:.3f}")
     table(["noise", "closeness", "class acc"], rows, ["", "12.3f", "12.3f"])
@@ -296,13 +299,13 @@ def slerp(a, b, alpha):
 def analysis_slerp(ctx, points=8):
     pairs = min(ctx.n, 500) // 10 * 10 // 2
     x_a, y = bank(ctx, pairs)
-    x_b, _ = bank(ctx, pairs, seed=HELD_OUT_SEED + 1)
+    x_b, _ = bank(ctx, pairs, index=1)
     alphas = [i / (points - 1) for i in range(points)]
     path = torch.stack([slerp(x_a, x_b, a) for a in alphas], 1)  # (pairs, points, 3, H, W)
     flat, ys = path.flatten(0, 1), y.repeat_interleave(points)
     plain = sample_many(ctx.teacher, flat, ys, ctx.steps).view_as(path)
     refined = sample_many(ctx.teacher, refine(ctx, flat, ys), ys, ctx.steps).view_as(path)
-    acc = {name: [ctx.evaluator.score(imgs[:, i], y)["class_acc"] for i in range(points)]
+    acc = {name: [ctx.judge.score(imgs[:, i], y)["class_acc"] for i in range(points)]
            for name, imgs in (("unrefined", plain), ("refined", refined))}
     print(f"class accuracy along the interpolation ({pairs} pairs of noises, same class within a pair):")
     rows = [(f"{a:.2f}", acc["unrefined"][i], acc["refined"][i]) for i, a in enumerate(alphas)]
@@ -330,7 +333,7 @@ def analysis_mismatch(ctx):
     rows, images = [], {}
     for name, x, c in cases:
         images[name] = sample_many(ctx.teacher, x, c, ctx.steps)
-        cls = ctx.evaluator.classify(images[name])
+        cls = ctx.judge.classify(images[name])
         rows.append((name, float((cls == a).float().mean()), float((cls == b).float().mean())))
     print(f"b = a + 1 (mod {ctx.K}); shares of {len(a)} samples the classifier puts in class a and in class b:")
     table(["case", "share a", "share b"], rows, ["", "12.3f", "12.3f"])
@@ -368,7 +371,7 @@ def msd_and_full_gradients(ctx, x_T, y, x0_guide, N):
 
 def analysis_jacobian(ctx, samples=4, N=10):
     test = data.load_dataset(*ctx.dataset_args, "test")
-    gen = torch.Generator().manual_seed(0)
+    gen = noises.generator("analysis")
     images, labels = test.batch(torch.randint(len(test), (samples,), generator=gen))
     rows = []
     for t in (999, 799, 599, 399, 199, 99, 49, 9):
@@ -415,7 +418,7 @@ def analysis_inversion(ctx, inversion_steps=(20, 100)):
     x_T, y = bank(ctx, min(ctx.n, 500))
     x_cfg = sample_many(ctx.teacher, x_T, y, ctx.steps, W_CFG)
     x_hat = refine(ctx, x_T, y)
-    score = ctx.evaluator.score
+    score = ctx.judge.score
     d_ref = (x_hat - x_T).flatten(1)
     rows = [("Gaussian x_T", ctx.steps, score(sample_many(ctx.teacher, x_T, y, ctx.steps), y)["class_acc"],
              float("nan"), 0.0, float("nan"), float("nan")),
@@ -460,7 +463,7 @@ def analysis_samplers(ctx):
         for steps in (10, 20, 50):
             for name, x, w in (("Gaussian", x_T, 0.0), (f"Gaussian + CFG {W_CFG:g}", x_T, W_CFG),
                                ("refined", x_hat, 0.0)):
-                s = ctx.evaluator.score(sample_many(ctx.teacher, x, y, steps, w, sampler=sampler), y)
+                s = ctx.judge.score(sample_many(ctx.teacher, x, y, steps, w, sampler=sampler), y)
                 rows.append((sampler, steps, name, s["class_acc"], s["fd_cls"]))
     print(f"{len(y)} held-out noises (FD_cls on so few samples is biased upward; compare within the table):")
     table(["sampler", "steps", "noise", "class acc", "FD_cls"], rows, ["", "", "", "12.3f", "12.2f"])
@@ -499,11 +502,12 @@ def main(argv=None):
     refiner = load_refiner(args.refiner, teacher, device)
     ds = ckpt["data"]
     try:
-        evaluator = load_or_train_classifier(ds["dataset"], ds["data_dir"], ds["image_size"], device)
+        judge = load_judge(ds["dataset"], ds["data_dir"], ds["image_size"], device)
     except data.DataError as e:
         die(str(e))
     os.makedirs(args.out, exist_ok=True)
-    ctx = Context(teacher, refiner, evaluator, len(ds["classes"]), ds["image_size"], args.out, args.n, args.steps,
+    print(judge_line(judge))
+    ctx = Context(teacher, refiner, judge, len(ds["classes"]), ds["image_size"], args.out, args.n, args.steps,
                   (ds["dataset"], ds["data_dir"], ds["image_size"]))
     results = {}
     for name in (ANALYSES if args.name == "all" else [args.name]):

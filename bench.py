@@ -5,8 +5,11 @@
     python bench.py --device cuda --models dit-cifar unet-cifar --json bench.json
 
 Networks have random weights: timing needs no data set and no training. Every number is measured:
-a warm-up run first, then --repeats timed runs, the median reported (CUDA: synchronised around the
-timed region). Forwards per image are counted by a hook on the networks, not assumed.
+a warm-up run first, then --repeats rounds in which the configurations take turns (so a slow spell of
+the machine hits all of them alike); each time is the median over rounds with its min-max, and each ratio
+the median of the per-round ratios with their min-max (CUDA: synchronised around the timed region). A
+warning is printed when a configuration's rounds differ by more than SPREAD_WARN. Forwards per image are
+counted by a hook on the networks, not assumed.
 
 Peak memory is the memory the work itself needs: on CUDA torch.cuda.max_memory_allocated minus what was
 allocated once the networks and inputs were in place; on CPU each configuration runs in its own
@@ -27,6 +30,7 @@ import time
 
 import torch
 
+import noises
 from checkpoint import PRESET_NAMES, build_model, die, model_config, resolve_device
 from diffusion import sample, training_loss
 from evaluate import ForwardCounter
@@ -38,7 +42,7 @@ BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="fewer rows, same layout (<= 3 min on a 2-core CPU)")
+    p.add_argument("--quick", action="store_true", help="fewer rows, same layout and rounds (a few minutes on 2 cores)")
     p.add_argument("--models", nargs="+", default=None, help="presets for sampling and MSD (default: tiny ones)")
     p.add_argument("--steps", type=int, nargs="+", default=None, help="DDIM steps (default: 10 20 50)")
     p.add_argument("--batch-size", type=int, default=None, help="sampling and MSD batch (CPU 64, CUDA 256)")
@@ -46,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--msd-batch", type=int, default=None, help="refiner training batch (CPU 32, CUDA 64)")
     p.add_argument("--teacher-models", nargs="+", default=None, help="presets of the teacher part (default: all)")
     p.add_argument("--teacher-batch", type=int, default=None, help="teacher training batch (CPU 16, CUDA 128)")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per row (default 3, quick 2)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved timed rounds per table")
     p.add_argument("--compile", action="store_true", help="CUDA: also time teacher training with torch.compile")
     p.add_argument("--channels-last", action="store_true", help="CUDA: UNet teacher rows also in channels-last")
     p.add_argument("--json", default=None, help="write the tables here")
@@ -62,7 +66,6 @@ def parse_args(argv=None):
     args.msd_batch = args.msd_batch or (64 if cuda else 32)
     args.teacher_models = args.teacher_models or (["unet-tiny", "dit-tiny"] if args.quick else PRESET_NAMES)
     args.teacher_batch = args.teacher_batch or (128 if cuda else 16)
-    args.repeats = args.repeats or (2 if args.quick else 3)
     for name in args.models + args.teacher_models:
         if name not in PRESET_NAMES:
             die(f"--models/--teacher-models {name!r} is not one of {', '.join(PRESET_NAMES)}")
@@ -119,9 +122,17 @@ def peak_memory_mb(fn, device):
     return memory.stop()
 
 
+SPREAD_WARN = 1.25  # a configuration whose slowest round took this much longer than its fastest is flagged
+
+
+def spread(values):
+    """{'median', 'min', 'max'} of per-round values."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
 def interleaved_seconds(fns, device, repeats):
-    """{name: median seconds}: a warm-up call of each, then `repeats` rounds timing each fn in turn, so
-    that a slow spell of the machine hits every configuration alike instead of one of them."""
+    """{name: [seconds of each round]}: a warm-up call of each, then `repeats` rounds timing each fn in
+    turn, so that a slow spell of the machine hits every configuration alike instead of one of them."""
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
@@ -134,7 +145,11 @@ def interleaved_seconds(fns, device, repeats):
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    for name, t in times.items():
+        if max(t) > SPREAD_WARN * min(t):
+            print(f"warning: {name}: rounds took {min(t):.3g}-{max(t):.3g} s (more than {SPREAD_WARN}x apart); "
+                  "the machine was busy, read this row's spread", file=sys.stderr)
+    return times
 
 
 def random_teacher(name, device, seed):
@@ -143,7 +158,7 @@ def random_teacher(name, device, seed):
 
 
 def inputs(model, batch, device, seed):
-    gen = torch.Generator().manual_seed(seed)
+    gen = noises.generator("bench", seed)
     size = model.config.image_size
     return (torch.randn(batch, 3, size, size, generator=gen).to(device),
             torch.randint(10, (batch,), generator=gen).to(device))
@@ -156,7 +171,8 @@ def inputs(model, batch, device, seed):
 
 def sampling_runs(model, steps, batch, device, seed=0, regimes=REGIMES):
     """{regime: (run, networks)}: Gaussian unguided (w = 0), Gaussian + CFG (w = 3, cond and uncond in one
-    batched forward), refined unguided (x_hat_T = g_phi(x_T, c), one forward, then w = 0)."""
+    batched forward), refined unguided (x_hat_T = g_phi(x_T, c), one forward, then w = 0), and unguided at
+    twice the batch: CFG's forward size, to measure what a doubled batch costs on this device."""
     teacher = random_teacher(model, device, seed)
     x_T, y = inputs(teacher, batch, device, seed)
     runs = {}
@@ -164,16 +180,20 @@ def sampling_runs(model, steps, batch, device, seed=0, regimes=REGIMES):
         refiner = Refiner(teacher, 0).merge().to(device).eval().requires_grad_(False) if regime == "refined" \
             else None
         w = 3.0 if regime == "cfg" else 0.0
+        x, c = (torch.cat([x_T, x_T]), torch.cat([y, y])) if regime == "unguided_2b" else (x_T, y)
 
         @torch.no_grad()
-        def run(refiner=refiner, w=w):
-            return sample(teacher, refiner(x_T, y) if refiner is not None else x_T, y, steps, w)
+        def run(refiner=refiner, w=w, x=x, c=c):
+            return sample(teacher, refiner(x, c) if refiner is not None else x, c, steps, w)
         runs[regime] = (run, [teacher] + ([refiner] if refiner is not None else []))
     return runs
 
 
 def bench_sampling(model, steps, batch, device, repeats, seed=0):
-    runs = sampling_runs(model, steps, batch, device, seed)
+    """Rows per regime, and the refined/CFG ratio with what explains it: the forward-count limit
+    2N/(N+1), times the measured premium of a doubled batch, t(2B) / (2 t(B)), which CFG pays and
+    NoiseRefine does not (CFG runs N forwards at 2B, refined N + 1 at B)."""
+    runs = sampling_runs(model, steps, batch, device, seed, REGIMES + ("unguided_2b",))
     nfe = {}
     for regime, (run, networks) in runs.items():  # forwards per image, counted by a hook
         counter = ForwardCounter(*networks)
@@ -181,11 +201,20 @@ def bench_sampling(model, steps, batch, device, repeats, seed=0):
         nfe[regime] = counter.images / batch
         counter.remove()
     seconds = interleaved_seconds({r: run for r, (run, _) in runs.items()}, device, repeats)
-    return [{"model": model, "steps": steps, "regime": r, "batch": batch, "img_per_s": batch / seconds[r],
-             "sec_per_image": seconds[r] / batch, "nfe_per_image": nfe[r],
+    rows = [{"model": model, "steps": steps, "regime": r, "batch": batch,
+             "img_per_s": batch / statistics.median(seconds[r]),
+             "img_per_s_range": [batch / max(seconds[r]), batch / min(seconds[r])],
+             "sec_per_image": statistics.median(seconds[r]) / batch, "nfe_per_image": nfe[r],
              "peak_mem_mb": measure_memory("sampling", dict(model=model, steps=steps, batch=batch, regime=r,
                                                              seed=seed), device)}
-            for r in runs]
+            for r in REGIMES]
+    rounds = range(repeats)
+    ratio = spread([seconds["cfg"][i] / seconds["refined"][i] for i in rounds])
+    premium = spread([seconds["unguided_2b"][i] / (2 * seconds["unguided"][i]) for i in rounds])
+    limit = 2 * steps / (steps + 1)
+    rows[-1].update({"refined_over_cfg": ratio, "limit": limit, "batch_premium": premium,
+                     "limit_times_premium": limit * premium["median"]})
+    return rows
 
 
 def msd_steps_fns(model, N, batch, device, seed=0, losses=("msd", "full")):
@@ -212,11 +241,13 @@ def bench_msd(model, N, batch, device, repeats, seed=0):
     rows = {loss: {"model": model, "N": N, "loss": loss, "batch": batch} for loss in ("msd", "full")}
     try:
         seconds = interleaved_seconds(msd_steps_fns(model, N, batch, device, seed), device, repeats)
+        rows["full"]["full_over_msd"] = spread([f / m for f, m in zip(seconds["full"], seconds["msd"])])
     except torch.OutOfMemoryError:  # full backprop keeps N + 1 networks' activations
         seconds = {"msd": interleaved_seconds(msd_steps_fns(model, N, batch, device, seed, ["msd"]), device,
                                               repeats)["msd"], "full": None}
     for loss, row in rows.items():
-        row["sec_per_step"] = seconds[loss]
+        row["sec_per_step"] = statistics.median(seconds[loss]) if seconds[loss] else None
+        row["sec_per_step_range"] = [min(seconds[loss]), max(seconds[loss])] if seconds[loss] else None
         row["oom"] = seconds[loss] is None
         row["peak_mem_mb"] = None if row["oom"] else \
             measure_memory("msd", dict(model=model, N=N, batch=batch, loss=loss, seed=seed), device)
@@ -279,11 +310,13 @@ def bench_teacher(model, dtype, batch, device, repeats, seed=0, compile=False, c
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    seconds = interleaved_seconds({"step": step}, device, repeats)["step"]
+    rounds = interleaved_seconds({"step": step}, device, repeats)["step"]
+    seconds = statistics.median(rounds)
     flops = 3 * forward_flops(net.eval(), batch, device)  # backward ~ 2x forward; the optimiser is negligible
     row = {"model": model, "dtype": dtype + (" +compile" if compile else "") + (" +channels-last" if channels_last
                                                                                  else ""),
-           "batch": batch, "img_per_s": batch / seconds, "tflops": flops / seconds / 1e12}
+           "batch": batch, "img_per_s": batch / seconds, "img_per_s_range": [batch / max(rounds), batch / min(rounds)],
+           "tflops": flops / seconds / 1e12}
     peak = gpu_peak_tflops(device)
     row["share_of_bf16_peak"] = row["tflops"] / peak if peak else None
     return row
@@ -310,26 +343,38 @@ def fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
 
+def ratio_text(r):
+    """'median [min-max]x' of per-round ratios."""
+    return f"{r['median']:.2f} [{r['min']:.2f}-{r['max']:.2f}]x"
+
+
 def print_sampling(rows):
-    print("\n== sampling: Gaussian unguided, Gaussian + CFG (w = 3), refined unguided")
-    print(f"{'model':<15} {'steps':>5} {'regime':<9} {'batch':>5} {'img/s':>9} {'ms/img':>8} {'NFE/img':>7} "
-          f"{'peak MB':>8} {'refined/cfg':>11} {'limit 2N/(N+1)':>14} {'mem ref/cfg':>11}")
+    print("\n== sampling: Gaussian unguided, Gaussian + CFG (w = 3), refined unguided; img/s: median [min-max] of "
+          "the rounds")
+    print(f"{'model':<15} {'steps':>5} {'regime':<9} {'batch':>5} {'img/s [min-max]':>23} {'NFE/img':>7} "
+          f"{'peak MB':>8} {'mem ref/cfg':>11}")
     for r in rows:
-        extra = ""
+        lo, hi = r["img_per_s_range"]
+        mem = ""
         if r["regime"] == "refined":
-            cfg = next(c for c in rows if c["regime"] == "cfg" and c["model"] == r["model"]
-                       and c["steps"] == r["steps"])
-            mem = r["peak_mem_mb"] / cfg["peak_mem_mb"] if r["peak_mem_mb"] and cfg["peak_mem_mb"] else None
-            extra = (f" {r['img_per_s'] / cfg['img_per_s']:>10.2f}x {2 * r['steps'] / (r['steps'] + 1):>13.3f}x "
-                     f"{fmt(mem, '>10.2f')}x")
+            cfg = next(c for c in rows if c["regime"] == "cfg" and c["model"] == r["model"] and c["steps"] == r["steps"])
+            ratio = r["peak_mem_mb"] / cfg["peak_mem_mb"] if r["peak_mem_mb"] and cfg["peak_mem_mb"] else None
+            mem = f" {fmt(ratio, '>10.2f')}x"
         print(f"{r['model']:<15} {r['steps']:>5} {r['regime']:<9} {r['batch']:>5} {r['img_per_s']:>9.1f} "
-              f"{1000 * r['sec_per_image']:>8.3f} {r['nfe_per_image']:>7.1f} {fmt(r['peak_mem_mb'], '>8.1f')}{extra}")
+              f"[{lo:>5.1f}-{hi:>5.1f}] {r['nfe_per_image']:>7.1f} {fmt(r['peak_mem_mb'], '>8.1f')}{mem}")
+    print("refined/CFG images per second (median [min-max] of per-round ratios) beside the forward-count limit "
+          "2N/(N+1) and that limit times the measured premium of CFG's doubled batch, t(2B) / (2 t(B)):")
+    for r in rows:
+        if r["regime"] == "refined":
+            print(f"{r['model']:<15} {r['steps']:>5} steps: refined/cfg {ratio_text(r['refined_over_cfg']):>20}  "
+                  f"limit {r['limit']:.3f}x  batch premium {ratio_text(r['batch_premium'])}  "
+                  f"limit x premium {r['limit_times_premium']:.2f}x")
 
 
 def print_msd(rows):
     print("\n== refiner training step: L_MSD (stop-gradient) vs full backprop through N teacher calls")
-    print(f"{'model':<15} {'N':>3} {'loss':<5} {'batch':>5} {'s/step':>8} {'peak MB':>9} {'full/msd time':>13} "
-          f"{'(2N+3)/(N+3)':>12} {'full/msd mem':>12}")
+    print(f"{'model':<15} {'N':>3} {'loss':<5} {'batch':>5} {'s/step':>8} {'peak MB':>9} "
+          f"{'full/msd time [min-max]':>24} {'(2N+3)/(N+3)':>12} {'full/msd mem':>12}")
     for r in rows:
         extra = ""
         if r["loss"] == "full":
@@ -338,7 +383,7 @@ def print_msd(rows):
                 extra = "   out of memory"
             else:
                 mem = r["peak_mem_mb"] / msd["peak_mem_mb"] if r["peak_mem_mb"] and msd["peak_mem_mb"] else None
-                extra = (f" {r['sec_per_step'] / msd['sec_per_step']:>12.2f}x "
+                extra = (f" {ratio_text(r['full_over_msd']):>24} "
                          f"{(2 * r['N'] + 3) / (r['N'] + 3):>11.2f}x {fmt(mem, '>11.1f')}x")
         print(f"{r['model']:<15} {r['N']:>3} {r['loss']:<5} {r['batch']:>5} {fmt(r['sec_per_step'], '>8.3f')} "
               f"{fmt(r['peak_mem_mb'], '>9.1f')}{extra}")
@@ -347,11 +392,12 @@ def print_msd(rows):
 def print_teacher(rows):
     print("\n== teacher training step (forward, eps loss, backward, AdamW); TFLOP/s from a FlopCounterMode count "
           "of the forward x 3")
-    print(f"{'model':<15} {'dtype':<24} {'batch':>5} {'img/s':>9} {'TFLOP/s':>8} {'of bf16 peak':>12}")
+    print(f"{'model':<15} {'dtype':<24} {'batch':>5} {'img/s [min-max]':>25} {'TFLOP/s':>8} {'of bf16 peak':>12}")
     for r in rows:
         share = fmt(None if r["share_of_bf16_peak"] is None else 100 * r["share_of_bf16_peak"], ">11.1f")
-        print(f"{r['model']:<15} {r['dtype']:<24} {r['batch']:>5} {r['img_per_s']:>9.1f} {r['tflops']:>8.4f} "
-              f"{share}{'%' if share != '-' else ''}")
+        lo, hi = r["img_per_s_range"]
+        print(f"{r['model']:<15} {r['dtype']:<24} {r['batch']:>5} {r['img_per_s']:>9.1f} [{lo:>6.1f}-{hi:>6.1f}] "
+              f"{r['tflops']:>8.4f} {share}{'%' if share != '-' else ''}")
 
 
 def main(argv=None):
@@ -367,14 +413,14 @@ def main(argv=None):
     head = header(device)
     mem_note = ("torch.cuda.max_memory_allocated minus allocated before the call" if device.startswith("cuda")
                 else "peak RSS minus RSS before the call, each row in its own subprocess")
-    print(f"bench.py on {head['device']}, torch {head['torch']}, {head['threads']} threads; median of "
-          f"{args.repeats} timed rounds after a warm-up, configurations interleaved; peak memory of one call "
+    print(f"bench.py on {head['device']}, torch {head['torch']}, {head['threads']} threads; {args.repeats} timed "
+          f"rounds after a warm-up, configurations interleaved (median [min-max]); peak memory of one call "
           f"after a warm-up call: {mem_note}")
     rows = [row for m in args.models for s in args.steps
             for row in bench_sampling(m, s, args.batch_size, device, args.repeats, args.seed)]
     print_sampling(rows)
     msd = [row for m in args.models for n in args.msd_steps
-           for row in bench_msd(m, n, args.msd_batch, device, max(args.repeats, 5), args.seed)]
+           for row in bench_msd(m, n, args.msd_batch, device, args.repeats, args.seed)]
     print_msd(msd)
     dtypes = ["fp32", "bf16"] if device.startswith("cuda") else ["fp32"]
     teacher = []

@@ -1,18 +1,27 @@
-"""The yardstick: a small classifier trained on the real images, and three scores of generated images.
+"""The yardstick: two small classifiers trained on real images, and the scores of generated images.
 
-- class accuracy: the classifier agrees with the intended label (adherence; our stand-in for CLIPScore);
-- FD_cls: Frechet distance between the classifier's penultimate features of generated images and of
-  real held-out images (our stand-in for FID; not Inception FID, so never call it FID);
-- IS_cls: exp E_x[KL(p(y|x) || p(y))] from the classifier's softmax (an Inception-Score-style score).
+Two classifiers with two jobs. The *filter* keeps the guided training pairs it finds convincing (the
+paper's aesthetic filter); the *judge* scores every table. They start from different seeds, have
+different widths and learn from disjoint halves of the training images, so a refiner that learned to
+please the filter is not graded by it. Every score below is the judge's:
+
+- class accuracy: the judge agrees with the intended label (adherence; our stand-in for CLIPScore);
+- FD_cls: Frechet distance between the judge's penultimate features of generated images and of real
+  held-out images (our stand-in for FID; not Inception FID, so never call it FID);
+- IS_cls: exp E_x[KL(p(y|x) || p(y))] from the judge's softmax (an Inception-Score-style score);
+- precision and recall (Kynkaanniemi et al. 2019, arXiv 1904.06991): fidelity and coverage, k = 3;
+- diversity: mean pairwise feature distance within a class, relative to real images' (1 = as varied).
 
     python evaluate.py --teacher runs/teacher/ckpt.pt --w 1 2 3 --json metrics.json
 
-compares regimes on one fixed bank of held-out noises with balanced labels.
+compares regimes on one fixed bank of held-out noises with balanced labels (the test bank by default).
 """
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
+import statistics
 import time
 
 import torch
@@ -21,19 +30,36 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from checkpoint import FORMAT, die, load_checkpoint, load_teacher, resolve_device, save_atomic
+import noises
+from checkpoint import FORMAT, die, fingerprint, load_checkpoint, load_teacher, resolve_device, save_atomic
 from diffusion import sample_many
 
-HELD_OUT_SEED = 987_654_321  # the evaluation noise bank; training noises never use this generator
 CLASSIFIER_STEPS = 600  # enough for >= 99% held-out accuracy on the embedded set (about 30 s on 2 cores)
+MIRROR_SAFE = ("shapes", "cifar10", "imagenet64")  # sets whose classes survive a left-right flip
+BOOTSTRAP = 1000  # resamples of the held-out noises behind every 95% interval
+INTERVALS = ("class_acc", "fd_cls")  # the scores that carry one
 
 # ----------------------------------------------------------------------------------------------
-# The classifier
+# The classifiers: one network, two jobs
 # ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """Who a classifier is: its job, initialisation seed, width and the half of the training images
+    (even or odd indices) it learns from."""
+    role: str
+    seed: int
+    width: int
+    half: int
+
+
+FILTER = Spec("filter", seed=0, width=32, half=0)
+JUDGE = Spec("judge", seed=1, width=48, half=1)
 
 
 class Classifier(nn.Module):
-    """Four conv stages and global average pooling; `features` is the penultimate 128-d vector."""
+    """Four conv stages and global average pooling; `features` is the penultimate (4 * width)-d vector."""
 
     def __init__(self, num_classes, width=32):
         super().__init__()
@@ -52,16 +78,24 @@ class Classifier(nn.Module):
         return self.head(self.features(x))
 
 
-def train_classifier(train, test, steps=CLASSIFIER_STEPS, batch_size=128, seed=0, device="cpu"):
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    clf = Classifier(len(train.classes)).to(device)
+def half_of(images, half):
+    """The training images with index parity `half`: the filter and the judge never share an image."""
+    idx = torch.arange(half, len(images), 2)
+    return data.ImageSet(images.images[idx], images.labels[idx], images.classes)
+
+
+def train_classifier(train, test, spec, flip, steps=None, batch_size=128, device="cpu"):
+    steps = steps or CLASSIFIER_STEPS
+    gen = torch.Generator().manual_seed(spec.seed)
+    torch.manual_seed(spec.seed)
+    clf = Classifier(len(train.classes), spec.width).to(device)
     opt = torch.optim.AdamW(clf.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
-    for _ in tqdm(range(steps), desc="classifier", leave=False):
+    for _ in tqdm(range(steps), desc=spec.role, leave=False):
         x, y = train.batch(torch.randint(len(train), (batch_size,), generator=gen))
-        flip = torch.rand(batch_size, generator=gen) < 0.5  # every class here is left-right symmetric
-        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        if flip:  # only for sets whose classes are mirror-symmetric (a digit's mirror image is no digit)
+            mirror = torch.rand(batch_size, generator=gen) < 0.5
+            x = torch.where(mirror[:, None, None, None], x.flip(3), x)
         loss = F.cross_entropy(clf(x.to(device)), y.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -81,29 +115,62 @@ def predict(clf, images, device="cpu", batch_size=500, features=False):
     return torch.cat(out)
 
 
-def classifier_path(dataset, data_dir, test):
-    """Keyed by a hash of the held-out images, so a changed data set never reuses a stale classifier."""
+def classifier_path(dataset, data_dir, test, spec, flip, steps):
+    """Keyed by a hash of the held-out images (a changed data set never reuses a stale classifier) and by
+    everything that makes the classifier what it is."""
     digest = hashlib.sha256(test.images.numpy().tobytes()).hexdigest()[:8]
-    return os.path.join(data_dir, f"classifier-{dataset}-{test.images.shape[-1]}px-{digest}.pt")
+    key = hashlib.sha256(json.dumps([dataclasses.asdict(spec), flip, steps]).encode()).hexdigest()[:6]
+    return os.path.join(data_dir, f"classifier-{dataset}-{test.images.shape[-1]}px-{digest}-{spec.role}-{key}.pt")
 
 
-def load_or_train_classifier(dataset, data_dir, image_size, device="cpu"):
-    """The evaluator's classifier, trained once and cached next to the data (keyed by set and size)."""
+@dataclasses.dataclass
+class Trained:
+    """A trained classifier and what the tables print beside it."""
+    net: Classifier
+    spec: Spec
+    test_acc: float
+    device: str = "cpu"
+
+    def info(self):
+        return {"seed": self.spec.seed, "width": self.spec.width, "train_half": ["even", "odd"][self.spec.half],
+                "test_acc": self.test_acc}
+
+    def fingerprint(self):
+        return fingerprint(self.net)
+
+    def confidence(self, images, labels):
+        """p(label | image): the filter keeps a pair when this is high enough."""
+        probs = predict(self.net, images, self.device).softmax(1)
+        return probs.gather(1, labels[:, None]).squeeze(1)
+
+
+def load_or_train(spec, dataset, data_dir, image_size, device="cpu"):
+    """The classifier of `spec`, trained once on its half of the training images and cached next to the data."""
     test = data.load_dataset(dataset, data_dir, image_size, "test")
-    path = classifier_path(dataset, data_dir, test)
+    flip, steps = dataset in MIRROR_SAFE, CLASSIFIER_STEPS
+    path = classifier_path(dataset, data_dir, test, spec, flip, steps)
     if os.path.isfile(path):
         ckpt = load_checkpoint(path, "classifier", flag="classifier cache")
-        clf = Classifier(len(ckpt["classes"]))
-        clf.load_state_dict(ckpt["model"])
-        clf.to(device).eval()
+        net = Classifier(len(ckpt["classes"]), spec.width)
+        net.load_state_dict(ckpt["model"])
+        net.to(device).eval()
+        acc = ckpt["test_acc"]
     else:
-        train = data.load_dataset(dataset, data_dir, image_size, "train")
-        clf, acc = train_classifier(train, test, CLASSIFIER_STEPS, device=device)
-        save_atomic({"kind": "classifier", "format": FORMAT, "model": clf.state_dict(),
-                     "classes": train.classes, "test_acc": acc}, path)
-        ckpt = {"test_acc": acc}
-        print(f"classifier trained: held-out accuracy on real images {acc:.3f}; cached at {path}")
-    return Evaluator(clf, test, ckpt["test_acc"], device)
+        train = half_of(data.load_dataset(dataset, data_dir, image_size, "train"), spec.half)
+        net, acc = train_classifier(train, test, spec, flip, steps, device=device)
+        save_atomic({"kind": "classifier", "format": FORMAT, "model": net.state_dict(), "classes": train.classes,
+                     "test_acc": acc, "spec": dataclasses.asdict(spec)}, path)
+        print(f"{spec.role} trained on {len(train)} images: held-out accuracy on real images {acc:.3f}; "
+              f"cached at {path}")
+    return Trained(net, spec, acc, device), test
+
+
+def load_filter(dataset, data_dir, image_size, device="cpu"):
+    return load_or_train(FILTER, dataset, data_dir, image_size, device)[0]
+
+
+def load_judge(dataset, data_dir, image_size, device="cpu"):
+    return Judge(*load_or_train(JUDGE, dataset, data_dir, image_size, device))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,13 +178,19 @@ def load_or_train_classifier(dataset, data_dir, image_size, device="cpu"):
 # ----------------------------------------------------------------------------------------------
 
 
-def frechet_distance(mu1, cov1, mu2, cov2):
+def sqrt_psd(cov):
+    """The symmetric square root of a covariance matrix."""
+    vals, vecs = torch.linalg.eigh(cov.double())
+    return vecs @ torch.diag(vals.clamp(min=0).sqrt()) @ vecs.T
+
+
+def frechet_distance(mu1, cov1, mu2, cov2, sqrt_cov1=None):
     """|mu1 - mu2|^2 + tr(C1 + C2 - 2 (C1 C2)^(1/2)), in float64.
 
-    tr (C1 C2)^(1/2) = sum of sqrt(eigenvalues of C1^(1/2) C2 C1^(1/2)), a symmetric PSD matrix."""
+    tr (C1 C2)^(1/2) = sum of sqrt(eigenvalues of C1^(1/2) C2 C1^(1/2)), a symmetric PSD matrix.
+    sqrt_cov1: C1^(1/2) if already known (the real images' side, fixed over a bootstrap)."""
     mu1, cov1, mu2, cov2 = (t.double() for t in (mu1, cov1, mu2, cov2))
-    vals, vecs = torch.linalg.eigh(cov1)
-    s1 = vecs @ torch.diag(vals.clamp(min=0).sqrt()) @ vecs.T
+    s1 = sqrt_cov1 if sqrt_cov1 is not None else sqrt_psd(cov1)
     tr_sqrt = torch.linalg.eigvalsh(s1 @ cov2 @ s1).clamp(min=0).sqrt().sum()
     return float(((mu1 - mu2) ** 2).sum() + torch.trace(cov1) + torch.trace(cov2) - 2 * tr_sqrt)
 
@@ -133,45 +206,163 @@ def inception_score(probs):
     return float(torch.exp((probs * (probs.log() - p_y.log())).sum(1).mean()))
 
 
+def precision_recall(real, fake, k=3):
+    """Kynkaanniemi et al. 2019: a set's manifold is the union of balls around its points, each reaching
+    to the point's k-th nearest neighbour in the set. Precision: share of fake points inside the real
+    manifold (fidelity); recall: share of real points inside the fake manifold (coverage)."""
+    real, fake = real.double(), fake.double()
+
+    def radii(x):  # distance to the k-th nearest other point (the k + 1-th, counting the point itself)
+        return torch.cdist(x, x).kthvalue(k + 1, dim=1).values
+
+    def inside(points, centres, r):
+        return float((torch.cdist(points, centres) <= r[None, :]).any(1).double().mean())
+    return inside(fake, real, radii(real)), inside(real, fake, radii(fake))
+
+
+def equal_counts(real, real_labels, fake, fake_labels):
+    """The same number of real and generated feature vectors per class (precision and recall are biased
+    by unequal counts): the first min(n_real, n_fake) of each class, of each set."""
+    keep_r, keep_f = [], []
+    for k in torch.unique(fake_labels):
+        r, f = torch.nonzero(real_labels == k)[:, 0], torch.nonzero(fake_labels == k)[:, 0]
+        n = min(len(r), len(f))
+        keep_r.append(r[:n])
+        keep_f.append(f[:n])
+    return real[torch.cat(keep_r)], fake[torch.cat(keep_f)]
+
+
+def diversity(real, real_labels, fake, fake_labels):
+    """Mean over classes of (mean pairwise feature distance among generated images of the class) / (the
+    same among real images of the class). 1: as varied as real images; near 0: one prototype per class."""
+    ratios = []
+    for k in torch.unique(fake_labels):
+        r, f = real[real_labels == k].double(), fake[fake_labels == k].double()
+        if len(r) > 1 and len(f) > 1:
+            ratios.append(float(torch.pdist(f).mean() / torch.pdist(r).mean()))
+    return sum(ratios) / len(ratios)
+
+
 def as_saved(images):
     """What a saved PNG would hold: images are scored after 8-bit quantisation, like real ones."""
     return data.to_float(data.to_uint8(images))
 
 
-class Evaluator:
-    def __init__(self, clf, test, test_acc, device="cpu"):
-        self.clf, self.device, self.test_acc = clf, device, test_acc
-        self.real_stats = gaussian_stats(predict(clf, test.batch(slice(None))[0], device, features=True))
+def bias_corrected_interval(values, point):
+    """95% bias-corrected percentile interval (Efron 1981) from bootstrap values of a statistic whose
+    estimate is `point`. FD_cls is biased upward on a resample (which holds only ~63% distinct samples), so
+    plain percentiles would sit above the estimate; the correction shifts them by how far the bootstrap
+    median sits from it. For an unbiased statistic (class accuracy) it is the plain percentile interval."""
+    values = torch.as_tensor(values, dtype=torch.float64)
+    below = float((values < point).double().mean() + 0.5 * (values == point).double().mean())
+    z0 = torch.special.ndtri(torch.tensor(below).clamp(1 / (len(values) + 1), len(values) / (len(values) + 1)))
+    levels = torch.special.ndtr(2 * z0 + torch.special.ndtri(torch.tensor([0.025, 0.975], dtype=torch.float64)))
+    return [float(values.quantile(levels[0])), float(values.quantile(levels[1]))]
+
+
+def resamples(n, count=None, seed=0):
+    """(count, n) indices: `count` resamples with replacement of n held-out noises. Every regime is scored
+    on the same resamples, so the intervals of two regimes on the same noises, and of their difference,
+    are paired."""
+    return torch.randint(n, (count or BOOTSTRAP, n), generator=torch.Generator().manual_seed(seed))
+
+
+@dataclasses.dataclass
+class Measured:
+    """What the judge saw of one regime's samples: features, softmax and intended labels (one row per noise);
+    `boot` caches the scores on each bootstrap resample (Judge.bootstrap)."""
+    feats: torch.Tensor
+    probs: torch.Tensor
+    labels: torch.Tensor
+    boot: dict = None
+
+
+class Judge:
+    """Scores generated images; built once per data set from the judge classifier and the real held-out images."""
+
+    def __init__(self, trained, test):
+        self.trained, self.test_acc = trained, trained.test_acc
+        self.real = predict(trained.net, test.batch(slice(None))[0], trained.device, features=True)
+        self.real_labels = test.labels
+        self.real_stats = gaussian_stats(self.real)
+        self.real_sqrt = sqrt_psd(self.real_stats[1])
+
+    def info(self):
+        return self.trained.info()
+
+    def measure(self, images, labels):
+        feats = predict(self.trained.net, as_saved(images), self.trained.device, features=True)
+        with torch.no_grad():
+            probs = self.trained.net.head(feats.to(self.trained.device)).softmax(1).cpu()
+        return Measured(feats, probs, labels)
+
+    def point_scores(self, m, idx=slice(None)):
+        """class_acc, fd_cls and is_cls of the samples idx (all by default; a bootstrap resample otherwise)."""
+        return {"class_acc": (m.probs[idx].argmax(1) == m.labels[idx]).float().mean().item(),
+                "fd_cls": frechet_distance(*self.real_stats, *gaussian_stats(m.feats[idx]), self.real_sqrt),
+                "is_cls": inception_score(m.probs[idx])}
+
+    def bootstrap(self, m):
+        """{key: (BOOTSTRAP,) scores of m on each shared resample of its noises}, computed once per regime:
+        every interval is read off these (an FD costs milliseconds, and tables need thousands)."""
+        if m.boot is None:
+            scores = [self.point_scores(m, idx) for idx in resamples(len(m.labels))]
+            m.boot = {key: torch.tensor([s[key] for s in scores], dtype=torch.float64) for key in INTERVALS}
+        return m.boot
+
+    def scores(self, m, intervals=True):
+        """Every score of one regime; with intervals, 95% bootstrap intervals over the noises."""
+        out = self.point_scores(m)
+        out["precision"], out["recall"] = precision_recall(*equal_counts(self.real, self.real_labels, m.feats,
+                                                                         m.labels))
+        out["diversity"] = diversity(self.real, self.real_labels, m.feats, m.labels)
+        if intervals:
+            out["ci"] = {key: bias_corrected_interval(self.bootstrap(m)[key], out[key]) for key in INTERVALS}
+        return out
 
     def score(self, images, labels):
-        """images in [-1, 1] (N, 3, H, W), intended labels (N,) -> class_acc, fd_cls, is_cls."""
-        feats = predict(self.clf, as_saved(images), self.device, features=True)
-        with torch.no_grad():
-            probs = self.clf.head(feats.to(self.device)).softmax(1).cpu()
-        return {"class_acc": (probs.argmax(1) == labels).float().mean().item(),
-                "fd_cls": frechet_distance(*gaussian_stats(feats), *self.real_stats),
-                "is_cls": inception_score(probs)}
+        """Point scores of images in [-1, 1] (N, 3, H, W) with intended labels (N,): no intervals."""
+        return self.scores(self.measure(images, labels), intervals=False)
+
+    def difference(self, a, b):
+        """Score of regime a minus regime b on the same noises, with a paired 95% bootstrap interval:
+        {key: [difference, lo, hi]}. An interval that holds 0 means the two are within noise."""
+        return {key: seeds_interval(self, [a], [b], key) for key in INTERVALS}
 
     def classify(self, images):
-        """The classifier's class for each image, scored as in `score`."""
-        return predict(self.clf, as_saved(images), self.device).argmax(1)
+        """The judge's class for each image, scored as in `score`."""
+        return predict(self.trained.net, as_saved(images), self.trained.device).argmax(1)
 
-    def confidence(self, images, labels):
-        """p(label | image) under the classifier: the pairs' quality filter uses it."""
-        with torch.no_grad():
-            probs = predict(self.clf, images, self.device).softmax(1)
-        return probs.gather(1, labels[:, None]).squeeze(1)
+
+def seeds_interval(judge, runs_a, runs_b=(), key="class_acc", seed=0):
+    """[value, lo, hi]: the mean over seeds of row a's score (minus row b's, if given), and its 95% interval
+    from a two-level bootstrap. Each resample draws the held-out noises with replacement (the same draw for
+    every run: the rows share their noises, so a comparison is paired) and each row's seeds with
+    replacement, so the interval widens with both the evaluation noise and the seed-to-seed spread of
+    training. runs_a, runs_b: one Measured per seed (one alone: a plain bootstrap over the noises)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def mean_over_seeds(runs):
+        """(point, (BOOTSTRAP,) values): each resample takes the mean over a resample of the seeds."""
+        boot = torch.stack([judge.bootstrap(r)[key] for r in runs])  # (seeds, BOOTSTRAP)
+        pick = torch.randint(len(runs), boot.shape, generator=gen)
+        return statistics.mean(judge.point_scores(r)[key] for r in runs), boot.gather(0, pick).mean(0)
+    point, values = mean_over_seeds(runs_a)
+    if runs_b:
+        point_b, values_b = mean_over_seeds(runs_b)
+        point, values = point - point_b, values - values_b
+    return [point, *bias_corrected_interval(values, point)]
+
+
+def verdict(diff, key="class_acc"):
+    """'higher', 'lower' or 'within noise': where the 95% interval of a difference lies."""
+    _, lo, hi = diff[key]
+    return "higher" if lo > 0 else "lower" if hi < 0 else "within noise"
 
 
 # ----------------------------------------------------------------------------------------------
 # Regimes on a fixed noise bank
 # ----------------------------------------------------------------------------------------------
-
-
-def noise_bank(n, num_classes, shape, seed=HELD_OUT_SEED):
-    """n held-out noises x_T and balanced labels (n / num_classes each), the same in every run."""
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn((n, *shape), generator=gen), torch.arange(n) % num_classes
 
 
 class ForwardCounter:
@@ -189,8 +380,8 @@ class ForwardCounter:
             h.remove()
 
 
-def run_regime(teacher, evaluator, x_T, y, name, w=0.0, steps=20, refiner=None, batch_size=250):
-    """Sample the bank in one regime, time it, count forwards, score it. Returns (row, images)."""
+def run_regime(teacher, judge, x_T, y, name, w=0.0, steps=20, refiner=None, batch_size=250, intervals=True):
+    """Sample the bank in one regime, time it, count forwards, score it. Returns (row, images, measured)."""
     n = min(batch_size, len(y))  # warm-up, not timed or counted: allocator and kernels settle first
     sample_many(teacher, x_T[:n], y[:n], 1, w, batch_size=batch_size, refiner=refiner)
     counter = ForwardCounter(teacher, *([refiner] if refiner is not None else []))
@@ -198,25 +389,45 @@ def run_regime(teacher, evaluator, x_T, y, name, w=0.0, steps=20, refiner=None, 
     images = sample_many(teacher, x_T, y, steps, w, batch_size=batch_size, refiner=refiner, desc=name)
     seconds = time.perf_counter() - start
     counter.remove()
-    row = {"name": name, "w": w, "steps": steps, **evaluator.score(images, y),
+    measured = judge.measure(images, y)
+    row = {"name": name, "w": w, "steps": steps, **judge.scores(measured, intervals),
            "nfe_per_image": counter.images / len(y), "sec_per_image": seconds / len(y)}
-    return row, images
+    return row, images, measured
+
+
+def judge_line(judge, filter=None):
+    """What every table prints above itself: who graded it, and how well it reads real images."""
+    line = (f"judge (seed {judge.trained.spec.seed}, width {judge.trained.spec.width}, "
+            f"{judge.info()['train_half']} half of the training images): accuracy on real held-out images "
+            f"{judge.test_acc:.3f}")
+    if filter is not None:
+        line += f"; the pairs' filter (another network, the other half) {filter.test_acc:.3f}"
+    return line
 
 
 def print_table(rows, title=None):
     if title:
         print(title)
-    print(f"{'regime':<10} {'w':>5} {'steps':>5} {'class_acc':>9} {'FD_cls':>8} {'IS_cls':>7} "
-          f"{'NFE/img':>7} {'ms/img':>7}")
+    print(f"{'regime':<10} {'w':>5} {'steps':>5} {'class_acc [95% CI]':>21} {'FD_cls [95% CI]':>20} "
+          f"{'IS_cls':>6} {'prec':>5} {'recall':>6} {'divers':>6} {'NFE/img':>7} {'ms/img':>7}")
     for r in rows:
-        print(f"{r['name']:<10} {r['w']:>5.2f} {r['steps']:>5d} {r['class_acc']:>9.3f} {r['fd_cls']:>8.2f} "
-              f"{r['is_cls']:>7.2f} {r['nfe_per_image']:>7.1f} {1000 * r['sec_per_image']:>7.2f}")
+        acc, fd = r["ci"]["class_acc"], r["ci"]["fd_cls"]
+        print(f"{r['name']:<10} {r['w']:>5.2f} {r['steps']:>5d} {r['class_acc']:>7.3f} [{acc[0]:.3f}, {acc[1]:.3f}] "
+              f"{r['fd_cls']:>6.2f} [{fd[0]:>5.2f}, {fd[1]:>5.2f}] {r['is_cls']:>6.2f} {r['precision']:>5.3f} "
+              f"{r['recall']:>6.3f} {r['diversity']:>6.3f} {r['nfe_per_image']:>7.1f} "
+              f"{1000 * r['sec_per_image']:>7.2f}")
 
 
-def write_json(rows, path, **extra):
+def print_difference(name_a, name_b, diff):
+    acc, fd = diff["class_acc"], diff["fd_cls"]
+    print(f"{name_a} - {name_b}: class_acc {acc[0]:+.3f} [{acc[1]:+.3f}, {acc[2]:+.3f}] ({verdict(diff)}); "
+          f"FD_cls {fd[0]:+.2f} [{fd[1]:+.2f}, {fd[2]:+.2f}] ({verdict(diff, 'fd_cls')}; lower is better)")
+
+
+def write_json(obj, path):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump({"regimes": rows, **extra}, f, indent=2)
+        json.dump(obj, f, indent=2)
     os.replace(tmp, path)
 
 
@@ -226,6 +437,8 @@ def main():
     p.add_argument("--n", type=int, default=1000, help="samples per regime (balanced classes)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps")
     p.add_argument("--w", type=float, nargs="+", default=[1.0, 2.0, 3.0, 4.0], help="CFG scales to compare")
+    p.add_argument("--bank", default="test", choices=noises.BANKS,
+                   help="held-out noises: 'test' for reported tables, 'dev' for choosing settings")
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--json", default=None, help="also write the table here")
     p.add_argument("--seed", type=int, default=0, help="seeds torch; the noise bank itself is fixed")
@@ -238,17 +451,18 @@ def main():
     teacher, ckpt = load_teacher(args.teacher, device)
     ds = ckpt["data"]
     try:
-        evaluator = load_or_train_classifier(ds["dataset"], ds["data_dir"], ds["image_size"], device)
+        judge = load_judge(ds["dataset"], ds["data_dir"], ds["image_size"], device)
     except data.DataError as e:
         die(str(e))
-    print(f"classifier held-out accuracy on real images: {evaluator.test_acc:.3f}")
-    x_T, y = noise_bank(args.n, len(ds["classes"]), (3, ds["image_size"], ds["image_size"]))
-    rows = [run_regime(teacher, evaluator, x_T, y, "unguided", 0.0, args.steps, batch_size=args.batch_size)[0]]
-    rows += [run_regime(teacher, evaluator, x_T, y, "cfg", w, args.steps, batch_size=args.batch_size)[0]
+    x_T, y = noises.bank(args.bank, args.n, len(ds["classes"]), (3, ds["image_size"], ds["image_size"]))
+    rows = [run_regime(teacher, judge, x_T, y, "unguided", 0.0, args.steps, batch_size=args.batch_size)[0]]
+    rows += [run_regime(teacher, judge, x_T, y, "cfg", w, args.steps, batch_size=args.batch_size)[0]
              for w in args.w]
-    print_table(rows, f"{args.teacher}: {args.n} held-out noises, {args.steps} DDIM steps")
+    print_table(rows, f"{args.teacher}: {args.n} held-out noises ({args.bank} bank), {args.steps} DDIM steps\n"
+                      f"{judge_line(judge)}")
     if args.json:
-        write_json(rows, args.json, teacher=args.teacher, classifier_acc=evaluator.test_acc)
+        write_json({"regimes": rows, "judge": judge.info(), "filter": None, "bank": args.bank,
+                    "teacher": args.teacher}, args.json)
 
 
 if __name__ == "__main__":

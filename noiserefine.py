@@ -129,9 +129,11 @@ class Refiner(nn.Module):
         # END SOLUTION
 
     def trainable_state(self):
-        """Only what training changes (adapters and head, or everything for rank 0): what a checkpoint holds."""
+        """A copy of what training changes (adapters and head, or everything for rank 0): what a checkpoint
+        holds. Cloned: state_dict() shares storage with the live weights, so a snapshot kept without a
+        copy (the best validation step's) would move with every later optimiser step."""
         names = {n for n, p in self.named_parameters() if p.requires_grad}
-        return {k: v for k, v in self.state_dict().items() if k in names}
+        return {k: v.detach().clone() for k, v in self.state_dict().items() if k in names}
 
     def merge(self):
         for layer in lora_layers(self):

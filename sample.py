@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 import data
+import noises
 from checkpoint import die, load_refiner, load_teacher, resolve_device, seed_everything
 from diffusion import SAMPLERS, sample_many
 
@@ -49,7 +50,7 @@ def main(argv=None):
     if args.refiner:
         refiner = load_refiner(args.refiner, teacher, device)
     y = torch.tensor(labels).repeat_interleave(args.per_label)
-    x_T = torch.randn((len(y), 3, size, size), generator=torch.Generator().manual_seed(args.seed))
+    x_T = torch.randn((len(y), 3, size, size), generator=noises.generator("sample", args.seed))  # never a pair's
     images = sample_many(teacher, x_T, y, args.steps, args.w, refiner=refiner, desc="sampling", sampler=args.sampler)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     data.save_grid(images, args.per_label, args.out + ".png")

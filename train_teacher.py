@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 import data
 import distributed
+import noises
 from checkpoint import (FORMAT, PRESET_NAMES, build_model, die, load_checkpoint, make_out_dir,
                         model_config, resolve_device, save_atomic, seed_everything)
 from diffusion import sample, training_loss
@@ -72,7 +73,7 @@ def write_grid(ema, classes, image_size, w, path, per_side=8, seed=0):
     """One row per class (at most 10): per_side unguided samples, then per_side CFG samples."""
     K = min(len(classes), 10)
     device = next(ema.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
+    gen = noises.generator("grid", seed)  # its own stream: no picture shows a training pair's x_T
     x_T = torch.randn(K * per_side, 3, image_size, image_size, generator=gen).to(device)
     y = torch.arange(K).repeat_interleave(per_side).to(device)
     unguided = sample(ema, x_T, y, 20, 0.0).view(K, per_side, 3, image_size, image_size)

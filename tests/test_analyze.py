@@ -73,11 +73,23 @@ def test_every_analysis_runs_and_writes_its_files(tiny_run):
 
 def test_every_ablation_row_runs(tiny_run):
     out = tiny_run / "ablate"
-    ablate.main(["--teacher", str(tiny_run / "t" / "ckpt.pt"), "--pairs", "40", "--steps", "2", "--batch-size",
-                 "4", "--filter", "0", "--eval-n", "10", "--out", str(out), "--device", "cpu"])
-    rows = {r["name"]: r for r in json.load(open(out / "ablate.json"))["rows"]}
+    argv = ["--teacher", str(tiny_run / "t" / "ckpt.pt"), "--pairs", "40", "--steps", "2", "--batch-size", "4",
+            "--filter", "0", "--eval-n", "10", "--seeds", "0", "1", "--out", str(out), "--device", "cpu"]
+    ablate.main(argv)
+    report = json.load(open(out / "ablate.json"))
+    rows = {r["name"]: r for r in report["rows"]}
     assert list(rows) == ablate.ROWS
+    assert all(r["seeds"] == (1 if name in ("gaussian", "cfg") else 2) for name, r in rows.items())
+    assert all(r["class_acc_ci"][0] <= r["class_acc"] <= r["class_acc_ci"][1] for r in rows.values())
+    assert set(report["comparisons"]) == {f"{a} - {b}" for a, b in ablate.COMPARISONS}
     nfe = {name: r["nfe_per_image"] for name, r in rows.items()}
     assert nfe["gaussian"] == 20 and nfe["cfg"] == 40 and nfe["distill"] == 20 and nfe["noiserefine"] == 21
     assert nfe["refined_cfg"] == 41  # one refinement, then 20 guided steps
     assert all(r["train_seconds"] > 0 for name, r in rows.items() if name in ablate.TRAINED)
+    # a second run reuses every row and seed; the cache is keyed by the teacher's weights, not its path
+    mtime = os.path.getmtime(out / "n5" / "seed1" / "measured.pt")
+    ablate.main(argv)
+    assert os.path.getmtime(out / "n5" / "seed1" / "measured.pt") == mtime
+    settings = [ablate.settings("n5", 1, ablate.parse_args(argv), {"fingerprints": {"teacher": fp}})
+                for fp in ("a", "b")]
+    assert settings[0] != settings[1]

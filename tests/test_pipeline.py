@@ -29,29 +29,39 @@ def make_folder(root, per_class=20, size=12):
 
 
 def tiny_teacher(root, monkeypatch):
-    """A 4-step teacher on a tiny image folder, with the evaluator's classifier (20 steps) trained and cached
-    next to the data, so that subprocesses reuse it. Returns the path of the teacher checkpoint."""
+    """A 4-step teacher on a tiny image folder, with the filter and the judge (20 steps each) trained and
+    cached next to the data, so that subprocesses reuse them. Returns the path of the teacher checkpoint."""
     monkeypatch.setattr(evaluate, "CLASSIFIER_STEPS", 20)
+    monkeypatch.setattr(evaluate, "BOOTSTRAP", 100)  # tiny runs test the plumbing, not the intervals' width
     folder = make_folder(root / "images")
     train_teacher.main(["--dataset", "folder", "--data-dir", folder, "--image-size", "8", "--steps", "4",
                         "--batch-size", "8", "--grid-every", "1000", "--out", str(root / "t"), "--device", "cpu"])
-    evaluate.load_or_train_classifier("folder", folder, 8)
+    evaluate.load_filter("folder", folder, 8)
+    evaluate.load_judge("folder", folder, 8)
     return str(root / "t" / "ckpt.pt")
+
+
+TINY_RUN = ["--pairs", "24", "--guide-steps", "3", "--msd-steps", "2", "--steps", "4", "--val-every", "2",
+            "--batch-size", "4", "--filter", "0", "--val-frac", "0.2", "--eval-n", "8", "--eval-steps", "2",
+            "--device", "cpu"]
 
 
 def test_train_refiner_end_to_end(tmp_path, monkeypatch):
     teacher = tiny_teacher(tmp_path, monkeypatch)
     out = tmp_path / "r"
-    train_refiner.main(["--teacher", teacher, "--pairs", "24", "--guide-steps", "3", "--msd-steps", "2",
-                        "--steps", "4", "--val-every", "2", "--batch-size", "4", "--filter", "0",
-                        "--val-frac", "0.2", "--eval-n", "8", "--eval-steps", "2", "--out", str(out),
-                        "--device", "cpu"])
-    rows = {r["name"]: r for r in json.load(open(out / "metrics.json"))["regimes"]}
+    train_refiner.main(["--teacher", teacher, *TINY_RUN, "--out", str(out)])
+    report = json.load(open(out / "metrics.json"))
+    rows = {r["name"]: r for r in report["regimes"]}
     assert list(rows) == ["unguided", "cfg", "cfg_top", "refined"]
     assert rows["cfg"]["w"] == 3.0 and rows["cfg_top"]["w"] == 4.0  # midpoint and top of --w-range
     # forwards are counted, not assumed: N unguided, 2N with CFG, 1 + N refined
     assert [rows[n]["nfe_per_image"] for n in rows] == [2.0, 4.0, 4.0, 3.0]
-    assert all(0 <= r["class_acc"] <= 1 and r["fd_cls"] >= 0 for r in rows.values())
+    for r in rows.values():
+        assert 0 <= r["class_acc"] <= 1 and r["fd_cls"] >= 0 and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
+        assert r["diversity"] > 0 and r["ci"]["class_acc"][0] <= r["class_acc"] <= r["ci"]["class_acc"][1]
+    assert report["bank"] == "test" and report["judge"]["train_half"] != report["filter"]["train_half"]
+    assert report["judge"]["seed"] != report["filter"]["seed"]
+    assert set(report["differences"]) == {"refined - unguided", "refined - cfg", "refined - cfg_top"}
     assert os.path.isfile(out / "regimes.png")
 
     sample.main(["--teacher", teacher, "--refiner", str(out / "ckpt.pt"), "--per-label", "3", "--steps", "2",
@@ -60,9 +70,32 @@ def test_train_refiner_end_to_end(tmp_path, monkeypatch):
     assert npz["images"].shape == (6, 3, 8, 8) and npz["labels"].tolist() == [0, 0, 0, 1, 1, 1]
 
 
+def test_the_table_does_not_depend_on_the_filter(tmp_path, monkeypatch):
+    """With --filter 0 the filter keeps every pair, so a different filter network must leave every score
+    unchanged: the scores come from the judge alone."""
+    teacher = tiny_teacher(tmp_path, monkeypatch)
+    train_refiner.main(["--teacher", teacher, *TINY_RUN, "--out", str(tmp_path / "a")])
+    monkeypatch.setattr(evaluate, "FILTER", evaluate.Spec("filter", seed=7, width=8, half=0))
+    train_refiner.main(["--teacher", teacher, *TINY_RUN, "--out", str(tmp_path / "b")])
+    a, b = (json.load(open(tmp_path / r / "metrics.json")) for r in "ab")
+    assert a["filter"]["width"] != b["filter"]["width"]
+    untimed = [[{k: v for k, v in r.items() if k != "sec_per_image"} for r in x["regimes"]] for x in (a, b)]
+    assert untimed[0] == untimed[1] and a["differences"] == b["differences"]
+
+
 class SureEvaluator:
+    """A stand-in filter: confident in every pair."""
+    value, name = 1.0, "sure"
+
     def confidence(self, images, labels):
-        return torch.ones(len(labels))
+        return torch.full((len(labels),), self.value)
+
+    def fingerprint(self):
+        return self.name
+
+
+class DoubtfulEvaluator(SureEvaluator):
+    value, name = 0.25, "doubtful"
 
 
 def test_pair_shards_resume_identically(tmp_path, monkeypatch):
@@ -78,3 +111,8 @@ def test_pair_shards_resume_identically(tmp_path, monkeypatch):
     again = train_refiner.load_pairs(teacher, SureEvaluator(), args, folder, 4, 8)
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert first["x0_guide"].dtype == torch.uint8 and len(first["y"]) == 30
+    # another filter: the cached confidences are stale, so they are recomputed (the pairs themselves stay)
+    doubted = train_refiner.load_pairs(teacher, DoubtfulEvaluator(), args, folder, 4, 8)
+    assert torch.equal(doubted["conf"], torch.full((30,), 0.25))
+    assert all(torch.equal(first[k], doubted[k]) for k in first if k != "conf")
+    assert torch.load(os.path.join(folder, "shard_00000.pt"), weights_only=True)["filter"] == "doubtful"

@@ -1,0 +1,75 @@
+"""The refiner's training loop: the model that is scored is the one that was chosen.
+
+The best-validation snapshot must not move with later steps; a run stopped and resumed must end on the
+same weights as a straight one also when the best validation step came early; and the refiner trains in
+train mode and is validated and sampled in eval mode, whatever mode it was built in."""
+import pytest
+import torch
+
+import data
+import train_refiner
+from conftest import tiny_model
+from noiserefine import Refiner
+
+
+def fake_pairs(n, num_classes=4, size=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"x_T": torch.randn(n, 3, size, size, generator=g), "y": torch.randint(num_classes, (n,), generator=g),
+            "x0_guide": data.to_uint8(torch.rand(n, 3, size, size, generator=g) * 2 - 1)}
+
+
+def train_args(out, *extra):
+    return train_refiner.parse_args(["--steps", "12", "--val-every", "2", "--batch-size", "4", "--msd-steps", "2",
+                                     "--lr", "1e-2", "--out", str(out), *extra])
+
+
+def test_the_best_snapshot_does_not_move_when_the_model_trains():
+    refiner = Refiner(tiny_model("unet"), 0)
+    snapshot = refiner.trainable_state()
+    before = {k: v.clone() for k, v in snapshot.items()}
+    opt = torch.optim.AdamW([p for p in refiner.parameters() if p.requires_grad], lr=1e-2)
+    pairs = fake_pairs(4)
+    refiner(pairs["x_T"], pairs["y"]).pow(2).mean().backward()
+    opt.step()
+    assert all(torch.equal(snapshot[k], before[k]) for k in snapshot)  # the snapshot stayed
+    live = refiner.trainable_state()
+    assert sum(not torch.equal(live[k], before[k]) for k in live) > 0.5 * len(live)  # the model moved
+
+
+def test_resume_equals_a_straight_run_when_the_best_validation_step_is_an_early_one(tmp_path, monkeypatch):
+    # validation "loss": how far the fresh head has moved from zero, so the first validation is the best
+    monkeypatch.setattr(train_refiner, "validation_loss",
+                        lambda refiner, *a: float(refiner.net.output_layer().weight.detach().norm()))
+    teacher = tiny_model("unet")
+    train, val = fake_pairs(64), fake_pairs(8, seed=1)
+
+    def run(out, *extra):
+        torch.manual_seed(0)
+        refiner = train_refiner.train(Refiner(teacher, 0), teacher, train, val, train_args(out, *extra), "cpu", "fp")
+        return refiner.trainable_state(), torch.load(out / "ckpt.pt", weights_only=True)
+
+    straight, ckpt = run(tmp_path / "straight")
+    assert ckpt["step"] == 12
+    assert not all(torch.equal(ckpt["best"][k], ckpt["state"][k]) for k in ckpt["best"])  # best was early
+    assert all(torch.equal(straight[k], ckpt["best"][k]) for k in straight)  # the chosen model is returned
+    run(tmp_path / "split", "--stop-at", "6")
+    resumed, ckpt2 = run(tmp_path / "split", "--resume")
+    assert ckpt2["step"] == 12 and ckpt2["best_val"] == ckpt["best_val"]
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+    assert all(torch.equal(ckpt2["state"][k], ckpt["state"][k]) for k in ckpt["state"])
+
+
+@pytest.mark.parametrize("built", ["copy of an eval-mode teacher", "fresh network in train mode"])
+def test_the_refiner_trains_in_train_mode_and_is_validated_in_eval_mode(tmp_path, built):
+    teacher = tiny_model("unet")  # eval mode, like a loaded teacher
+    base = teacher if built.startswith("copy") else tiny_model("unet").train()
+    refiner = Refiner(base, 0)
+    modes = []
+    refiner.net.register_forward_hook(lambda module, args, out: modes.append(module.training))
+    train, val = fake_pairs(64), fake_pairs(8, seed=1)
+    args = train_refiner.parse_args(["--steps", "2", "--val-every", "1", "--batch-size", "4", "--msd-steps", "1",
+                                     "--out", str(tmp_path)])
+    returned = train_refiner.train(refiner, teacher, train, val, args, "cpu", "fp")
+    # step 0 validation, then per step: one training forward and one validation forward
+    assert modes == [False, True, False, True, False]
+    assert not returned.training
