@@ -28,7 +28,6 @@ import copy
 import csv
 import dataclasses
 import json
-import math
 import os
 import statistics
 import time
@@ -39,25 +38,27 @@ from tqdm import tqdm
 
 import data
 import noises
-import train_refiner
-from checkpoint import build_model, die, fingerprint, load_refiner, resolve_device, save_atomic, seed_everything
+import pairs
+import teacher as teachers
+from checkpoint import fingerprint, save_atomic, save_json
+from cli import STEPS, HelpFormatter, die, entry_point, print_table, resolve_device, seed_everything
 from diffusion import T, guided_eps, q_sample
-from evaluate import (Measured, judge_line, load_filter, load_judge, print_difference, run_regime, seeds_interval,
-                      write_json)
-from noiserefine import Refiner, add_lora, lora_layers, prod_a
+from evaluate import INTERVALS, Measured, judge_line, load_filter, load_judge, print_difference, run_regime, seeds_interval
+from models import build_model
+from noiserefine import Refiner, Training, add_lora, cosine_lr, fit, load_refiner, lora_layers, prod_a
+from safety import write_atomic
 
-DISPLAY_W = 3.0  # the cfg row's scale: the middle of the pairs' default range [2, 4]
 ROWS = ["gaussian", "cfg", "noiserefine", "n5", "nofilter", "lora", "scratch", "gaussian_prior", "distill",
         "eps_scaled", "refined_cfg"]
-TRAINED = {"noiserefine": [], "n5": ["--msd-steps", "5"], "nofilter": ["--filter", "0"],
-           "lora": ["--lora-rank", "8", "--lr", "1e-3"], "scratch": [], "gaussian_prior": ["--lr", "1e-2"],
-           "distill": ["--lr", "1e-3"], "eps_scaled": ["--adam-eps", f"{1e-8 * prod_a(10) ** 2:.4g}"]}
+TRAINED = {"noiserefine": {}, "n5": {"msd_steps": 5}, "nofilter": {"filter": 0.0},  # each row's change
+           "lora": {"lora_rank": 8, "lr": 1e-3}, "scratch": {}, "gaussian_prior": {"lr": 1e-2}, "distill": {"lr": 1e-3},
+           "eps_scaled": {"adam_eps": 1e-8 * prod_a(10) ** 2}}
 
 
 class GaussianPrior(nn.Module):
     """x_hat_T = mu_c + sigma_c * x_T, with (mu_c, log sigma_c) = MLP(class embedding): a per-class Gaussian
     (the paper's PAHI baseline). Its last layer starts at zero, so it starts as the identity, like g_phi."""
-    rank, alpha = 0, 0  # what train_refiner.train writes into the checkpoint of any refiner
+    rank, alpha = 0, 0  # what noiserefine.fit writes into the checkpoint of any refiner
 
     def __init__(self, num_classes, size, hidden=256):
         super().__init__()
@@ -91,26 +92,27 @@ def make_refiner(row, teacher, config, size, num_classes, rank):
 # ----------------------------------------------------------------------------------------------
 
 
-def train_distilled(teacher, pairs, args, device):
+def train_distilled(teacher, train_pairs, t, device):
     """A LoRA (rank 8) on a copy of the teacher, trained so that its conditional eps equals the teacher's CFG
     eps, eps_c + w (eps_c - eps_u), on noised guided images x_t = q_sample(x0_guide, t, eps) with the pair's
     own w; sampled afterwards with one forward per step and no guidance."""
     student = copy.deepcopy(teacher).requires_grad_(False)
     add_lora(student, 8, 8)
     params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(args.seed)
+    opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(t.seed)
     student.train()
-    for step in tqdm(range(args.steps), desc="distill"):
+    for step in tqdm(range(t.steps), desc="distill"):
         for g in opt.param_groups:
-            g["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * step / args.steps))
-        idx = torch.randint(len(pairs["y"]), (args.batch_size,), generator=gen)
-        x0, y, w = data.to_float(pairs["x0_guide"][idx]).to(device), pairs["y"][idx].to(device), pairs["w"][idx]
-        t = torch.randint(0, T, (args.batch_size,), generator=gen).to(device)
-        x_t = q_sample(x0, t, torch.randn(x0.shape, generator=gen).to(device))
+            g["lr"] = cosine_lr(step, t.steps, t.lr)
+        idx = torch.randint(len(train_pairs["y"]), (t.batch_size,), generator=gen)
+        x0, y = data.to_float(train_pairs["x0_guide"][idx]).to(device), train_pairs["y"][idx].to(device)
+        w = train_pairs["w"][idx].to(device)
+        ts = torch.randint(0, T, (t.batch_size,), generator=gen).to(device)
+        x_t = q_sample(x0, ts, torch.randn(x0.shape, generator=gen).to(device))
         with torch.no_grad():  # the target: the teacher's CFG eps, SG
-            target = guided_eps(teacher, x_t, t, y, w.to(device))
-        loss = ((student(x_t, t, y) - target) ** 2).mean()
+            target = guided_eps(teacher, x_t, ts, y, w)
+        loss = ((student(x_t, ts, y) - target) ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -131,13 +133,15 @@ COMPARISONS = [("noiserefine", "cfg"), ("n5", "noiserefine"), ("nofilter", "nois
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = Training()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS)
-    p.add_argument("--teacher", default=train_refiner.DEFAULT_TEACHER)
-    p.add_argument("--steps", type=int, default=400, help="training steps of every trained row (batch 32)")
-    p.add_argument("--pairs", type=int, default=10000, help="the pairs budget (the default refiner's)")
-    p.add_argument("--batch-size", type=int, default=32, help="batch of every trained row")
-    p.add_argument("--filter", type=float, default=0.9, help="the quality filter of every row but nofilter")
+    p.add_argument("--teacher", default=teachers.DEFAULT_TEACHER)
+    p.add_argument("--steps", type=int, default=400, help="training steps of every trained row")
+    p.add_argument("--pairs", type=int, default=pairs.PairSettings().count, help="the pairs budget (the default "
+                   "refiner's)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="batch of every trained row")
+    p.add_argument("--filter", type=float, default=pairs.FILTER, help="the quality filter of every row but nofilter")
     p.add_argument("--small-w", type=float, default=0.5, help="CFG scale of the refined_cfg row")
     p.add_argument("--eval-n", type=int, default=1000)
     p.add_argument("--bank", default="test", choices=noises.BANKS, help="held-out noises (dev: for choosing)")
@@ -153,16 +157,23 @@ def parse_args(argv=None):
     return args
 
 
-def row_args(row, args, seed):
-    """train_refiner's settings for a row: its defaults, the shared budget, the row's change."""
-    return train_refiner.parse_args(["--teacher", args.teacher, "--steps", str(args.steps), "--pairs",
-                                     str(args.pairs), "--seed", str(seed), "--val-every", str(args.steps),
-                                     "--batch-size", str(args.batch_size), "--filter", str(args.filter),
-                                     "--out", row_dir(row, args, seed), *TRAINED.get(row, [])])
+def row_training(row, args, seed):
+    """A trained row's settings: the refiner's defaults, the shared budget, the row's change."""
+    change = {k: v for k, v in TRAINED[row].items() if k not in ("filter", "lora_rank")}  # those are not training's
+    return dataclasses.replace(Training(), steps=args.steps, batch_size=args.batch_size, val_every=args.steps,
+                               seed=seed, **change)
 
 
 def row_dir(row, args, seed):
     return os.path.join(args.out, row, f"seed{seed}")
+
+
+def make_refiner(row, ctx):
+    if row == "scratch":
+        return Refiner(build_model(ctx["config"]), 0)  # same architecture, random weights, all trained
+    if row == "gaussian_prior":
+        return GaussianPrior(ctx["K"], ctx["size"])
+    return Refiner(ctx["teacher"], TRAINED[row].get("lora_rank", 0))
 
 
 def run_row(row, seed, ctx, args):
@@ -171,20 +182,22 @@ def run_row(row, seed, ctx, args):
     teacher, device = ctx["teacher"], ctx["device"]
     model, refiner, w, seconds = teacher, None, 0.0, 0.0
     if row == "cfg":
-        w = DISPLAY_W
+        w = pairs.DISPLAY_W
     elif row == "refined_cfg":  # the noiserefine row's refiner of this seed, as its training wrote it
         refiner = load_refiner(os.path.join(row_dir("noiserefine", args, seed), "ckpt.pt"), teacher, device)
         w = args.small_w
     elif row in TRAINED:
-        rargs = row_args(row, args, seed)
-        train_pairs, val = train_refiner.split_pairs(ctx["pairs"], rargs)
+        t = row_training(row, args, seed)
+        train_pairs, val = pairs.split_pairs(ctx["pairs"], TRAINED[row].get("filter", args.filter), pairs.VAL_FRAC,
+                                             t.batch_size)
         seed_everything(seed)
         start = time.perf_counter()
         if row == "distill":
-            model = train_distilled(teacher, train_pairs, rargs, device)
+            model = train_distilled(teacher, train_pairs, t, device)
         else:
-            refiner = make_refiner(row, teacher, ctx["config"], ctx["size"], ctx["K"], rargs.lora_rank).to(device)
-            refiner = train_refiner.train(refiner, teacher, train_pairs, val, rargs, device, ctx["fp"]).merge()
+            ckpt = os.path.join(row_dir(row, args, seed), "ckpt.pt")
+            meta = {"teacher_fingerprint": ctx["fingerprints"]["teacher"], "teacher": args.teacher, "args": vars(args)}
+            refiner = fit(make_refiner(row, ctx).to(device), teacher, train_pairs, val, t, device, ckpt, meta).merge()
         seconds = time.perf_counter() - start
     x_T, y = ctx["bank"]
     metrics, _, measured = run_regime(model, ctx["judge"], x_T, y, row, w, refiner=refiner, intervals=False)
@@ -195,7 +208,7 @@ def settings(row, seed, args, ctx):
     """Everything a cached row depends on: a change to any of them reruns the row."""
     return {"row": row, "seed": seed, "steps": args.steps, "pairs": args.pairs, "batch_size": args.batch_size,
             "filter": args.filter, **ctx["fingerprints"], "bank": args.bank, "eval_n": args.eval_n,
-            "small_w": args.small_w, "extra": TRAINED.get(row)}
+            "small_w": args.small_w, "change": TRAINED.get(row)}
 
 
 def get_row(row, seed, ctx, args):
@@ -210,7 +223,7 @@ def get_row(row, seed, ctx, args):
     metrics, measured, seconds = run_row(row, seed, ctx, args)
     os.makedirs(folder, exist_ok=True)
     save_atomic(dataclasses.asdict(measured), os.path.join(folder, "measured.pt"))
-    write_json({"settings": settings(row, seed, args, ctx), "row": metrics, "train_seconds": seconds}, path)
+    save_json({"settings": settings(row, seed, args, ctx), "row": metrics, "train_seconds": seconds}, path)
     return metrics, measured, seconds
 
 
@@ -228,34 +241,32 @@ def summarise(row, results, judge):
 
 
 def print_rows(rows):
-    print(f"{'row':<15} {'seeds':>5} {'class_acc [95% CI] (seed min-max)':>36} {'FD_cls [95% CI] (seed min-max)':>34} "
-          f"{'IS_cls':>6} {'prec':>5} {'recall':>6} {'divers':>6} {'NFE/img':>7} {'train s':>7}")
+    cells = []
     for r in rows:
-        a, ac, fd, fc = r["class_acc_ci"], r["class_acc_seeds"], r["fd_cls_ci"], r["fd_cls_seeds"]
-        print(f"{r['name']:<15} {r['seeds']:>5} {r['class_acc']:>7.3f} [{a[0]:.3f}, {a[1]:.3f}] ({ac[0]:.3f}-{ac[1]:.3f}) "
-              f"{r['fd_cls']:>6.2f} [{fd[0]:>5.2f}, {fd[1]:>5.2f}] ({fc[0]:.2f}-{fc[1]:.2f}) {r['is_cls']:>6.2f} "
-              f"{r['precision']:>5.3f} {r['recall']:>6.3f} {r['diversity']:>6.3f} {r['nfe_per_image']:>7.1f} "
-              f"{r['train_seconds']:>7.0f}")
+        a, a_seeds, fd, fd_seeds = r["class_acc_ci"], r["class_acc_seeds"], r["fd_cls_ci"], r["fd_cls_seeds"]
+        cells.append([r["name"], r["seeds"], f"{r['class_acc']:.3f} [{a[0]:.3f}, {a[1]:.3f}] ({a_seeds[0]:.3f}-{a_seeds[1]:.3f})",
+                      f"{r['fd_cls']:.2f} [{fd[0]:.2f}, {fd[1]:.2f}] ({fd_seeds[0]:.2f}-{fd_seeds[1]:.2f})",
+                      f"{r['is_cls']:.2f}", f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['diversity']:.3f}",
+                      f"{r['nfe_per_image']:.1f}", f"{r['train_seconds']:.0f}"])
+    print_table(["row", "seeds", "class_acc [95% CI] (seed min-max)", "FD_cls [95% CI] (seed min-max)", "IS_cls",
+                 "precision", "recall", "diversity", "NFE/img", "train s"], cells)
 
 
+@entry_point
 def main(argv=None):
     args = parse_args(argv)
     device = resolve_device(args.device)
     seed_everything(0)
-    base = train_refiner.parse_args(["--teacher", args.teacher, "--pairs", str(args.pairs)])  # pairs of seed 0
-    teacher, tckpt, path = train_refiner.get_teacher(base, device)
+    teacher, tckpt, _ = teachers.get_or_train(args.teacher, 0, device)
     ds = tckpt["data"]
     K, size = len(ds["classes"]), ds["image_size"]
-    try:
-        pair_filter = load_filter(ds["dataset"], ds["data_dir"], size, device)
-        judge = load_judge(ds["dataset"], ds["data_dir"], size, device)
-    except data.DataError as e:
-        die(str(e))
+    pair_filter = load_filter(ds["dataset"], ds["data_dir"], size, device)
+    judge = load_judge(ds["dataset"], ds["data_dir"], size, device)
     fp = fingerprint(teacher)
-    pairs = train_refiner.load_pairs(teacher, pair_filter, base, train_refiner.pairs_dir(base, path, fp), K, size)
-    ctx = {"teacher": teacher, "judge": judge, "pair_filter": pair_filter, "pairs": pairs, "device": device,
-           "fp": fp, "K": K, "size": size, "config": tckpt["config"],
-           "bank": noises.bank(args.bank, args.eval_n, K, (3, size, size)),
+    settings_ = pairs.PairSettings(count=args.pairs)  # the default refiner's pairs (seed 0)
+    shared = pairs.load_pairs(teacher, pair_filter, settings_, pairs.cache_dir(settings_, args.teacher, fp), K, size)
+    ctx = {"teacher": teacher, "judge": judge, "pairs": shared, "device": device, "K": K, "size": size,
+           "config": tckpt["config"], "bank": noises.bank(args.bank, args.eval_n, K, (3, size, size)),
            "fingerprints": {"teacher": fp, "judge": judge.trained.fingerprint(), "pair_filter": pair_filter.fingerprint()}}
     order = sorted(args.rows, key=ROWS.index)
     if "refined_cfg" in order and "noiserefine" not in order:
@@ -268,7 +279,7 @@ def main(argv=None):
             print(f"\n== {row}, seed {seed}")
             results[row].append(get_row(row, seed, ctx, args))
     rows = [summarise(row, results[row], judge) for row in order]
-    print(f"\nablations: {args.eval_n} held-out noises ({args.bank} bank), 20 DDIM steps; trained rows: "
+    print(f"\nablations: {args.eval_n} held-out noises ({args.bank} bank), {STEPS} DDIM steps; trained rows: "
           f"{args.steps} steps at batch {args.batch_size} on the same {args.pairs} pairs, seeds {args.seeds}; "
           f"95% intervals from a bootstrap over noises and seeds\n{judge_line(judge, pair_filter)}")
     print_rows(rows)
@@ -276,16 +287,14 @@ def main(argv=None):
     for a, b in COMPARISONS:
         if a in results and b in results:
             runs = ([r for _, r, _ in results[a]], [r for _, r, _ in results[b]])
-            diff = {key: seeds_interval(judge, *runs, key=key) for key in ("class_acc", "fd_cls")}
-            comparisons[f"{a} - {b}"] = diff
-            print_difference(a, b, diff)
-    write_json({"rows": rows, "comparisons": comparisons, "judge": judge.info(), "filter": pair_filter.info(),
-                "bank": args.bank, "args": vars(args)}, os.path.join(args.out, "ablate.json"))
-    with open(os.path.join(args.out, "ablate.csv.tmp"), "w", newline="") as f:
-        keys = ["name", "seeds", "class_acc", "fd_cls", "is_cls", "precision", "recall", "diversity", "nfe_per_image",
-                "train_seconds"]
-        csv.writer(f).writerows([keys] + [[r[k] for k in keys] for r in rows])
-    os.replace(os.path.join(args.out, "ablate.csv.tmp"), os.path.join(args.out, "ablate.csv"))
+            comparisons[f"{a} - {b}"] = {key: seeds_interval(judge, *runs, key=key) for key in INTERVALS}
+            print_difference(a, b, comparisons[f"{a} - {b}"])
+    save_json({"rows": rows, "comparisons": comparisons, "judge": judge.info(), "filter": pair_filter.info(),
+               "bank": args.bank, "args": vars(args)}, os.path.join(args.out, "ablate.json"))
+    keys = ["name", "seeds", "class_acc", "fd_cls", "is_cls", "precision", "recall", "diversity", "nfe_per_image",
+            "train_seconds"]
+    write_atomic(os.path.join(args.out, "ablate.csv"),
+                 lambda f: csv.writer(f).writerows([keys] + [[r[k] for k in keys] for r in rows]), mode="w")
     print(f"wrote {args.out}/ablate.json and {args.out}/ablate.csv")
 
 

@@ -10,6 +10,7 @@
     python analyze.py jacobian      # d eps / d x_t against c I; MSD vs full gradient     (App. B.1, Prop. 2, Fig. 12)
     python analyze.py inversion     # DDIM inversion of CFG samples: guidance-free noise  (§3.1, Fig. 3 vs 7)
     python analyze.py samplers      # refined noise under DDIM, Euler, DPM-Solver++(2M)   (Fig. 29)
+    python analyze.py judges        # every regime scored by the judge and by the filter  (beyond the paper)
     python analyze.py all
 
 Each prints its numbers and writes --out/<name>.png (an image grid) and/or --out/<name>.csv (curves; also
@@ -28,13 +29,15 @@ import torch
 
 import data
 import noises
-from checkpoint import die, load_refiner, load_teacher, resolve_device, seed_everything
+from checkpoint import load_teacher
+from cli import STEPS, HelpFormatter, die, entry_point, print_table, resolve_device, seed_everything
 from diffusion import (ddim_coeffs, ddim_timesteps, q_sample, sample, sample_many, SAMPLERS,
                        timestep_batch)
-from evaluate import Judge, judge_line, load_judge
-from noiserefine import full_loss, msd_loss
+from evaluate import FILTER, Judge, judge_line, load_judge, load_or_train
+from noiserefine import Training, full_loss, load_refiner, msd_loss
+from pairs import DISPLAY_W
+from safety import write_atomic
 
-W_CFG = 3.0  # the CFG scale compared against: the middle of the pairs' default range [2, 4]
 
 
 @dataclass
@@ -92,9 +95,7 @@ def swap_band(x_base, x_band, mask):
 
 def write_csv(ctx, name, header, rows):
     path = os.path.join(ctx.out, f"{name}.csv")
-    with open(path + ".tmp", "w", newline="") as f:
-        csv.writer(f).writerows([header, *rows])
-    os.replace(path + ".tmp", path)
+    write_atomic(path, lambda f: csv.writer(f).writerows([header, *rows]), mode="w")
     return path
 
 
@@ -133,12 +134,8 @@ def balanced_first(y, K, per_class):
 
 
 def table(header, rows, fmt):
-    """Print rows under a header: the first column left-aligned as wide as it needs, the rest 12 wide."""
-    width = max(len(str(v)) for v in [header[0], *(r[0] for r in rows)])
-    print(f"{header[0]:<{width}}  " + "  ".join(f"{h:>12}" for h in header[1:]))
-    for r in rows:
-        print(f"{str(r[0]):<{width}}  " + "  ".join(format(v, f) if isinstance(v, float) else f"{v:>12}"
-                                                   for v, f in zip(r[1:], fmt[1:])))
+    """Print rows under a header, each float in its column's format ('' leaves a value as it is)."""
+    print_table(header, [[format(v, f) if f and isinstance(v, float) else v for v, f in zip(r, fmt)] for r in rows])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,7 +151,7 @@ def analysis_diff(ctx):
     stats = {name: (float(d.mean()), float(torch.quantile(d, 0.99))) for name, d in
              (("refined - x_T", d_ref), ("independent", d_ind))}
     print(f"|x_hat_T - x_T| over {len(y)} held-out noises x {d_ref.numel() // len(y)} values:")
-    table(["difference", "mean", "99th pct"], [(k, *v) for k, v in stats.items()], ["", "12.4f", "12.4f"])
+    table(["difference", "mean", "99th pct"], [(k, *v) for k, v in stats.items()], ["", ".4f", ".4f"])
     print(f"mean |x_hat_T - x_T| is {stats['refined - x_T'][0] / stats['independent'][0]:.3f}x that of two "
           "independent noises")
     edges = torch.linspace(0, float(d_ind.max()), 41)
@@ -175,7 +172,7 @@ def analysis_spectrum(ctx):
     e_ref, e_ind = band_energy(refine(ctx, x_T, y) - x_T), band_energy(other - x_T)
     print("share of the difference's FFT energy per radial band (0 = DC, 1 = the corner frequency):")
     rows = [(f"{b / 10:.1f}-{(b + 1) / 10:.1f}", e_ref[b], e_ind[b]) for b in range(10)]
-    table(["band", "refined", "independent"], rows, ["", "12.4f", "12.4f"])
+    table(["band", "refined", "independent"], rows, ["", ".4f", ".4f"])
     ratio = e_ref[0] / e_ind[0]
     print(f"lowest band (0-0.1): {e_ref[0]:.1%} of the refined difference's energy vs {e_ind[0]:.1%} of white "
           f"noise's: {ratio:.1f}x")
@@ -214,7 +211,7 @@ def analysis_layout(ctx):
 @torch.no_grad()
 def analysis_trajectory(ctx):
     x_T, y = bank(ctx, min(ctx.n, 500))
-    regimes = {"unguided": (x_T, 0.0), f"cfg w={W_CFG:g}": (x_T, W_CFG), "refined": (refine(ctx, x_T, y), 0.0)}
+    regimes = {"unguided": (x_T, 0.0), f"cfg w={DISPLAY_W:g}": (x_T, DISPLAY_W), "refined": (refine(ctx, x_T, y), 0.0)}
     acc, dist, examples = {}, {}, {}
     for name, (x, w) in regimes.items():
         final, x0s = sample(ctx.teacher, x, y, ctx.steps, w, return_x0=True)
@@ -227,7 +224,7 @@ def analysis_trajectory(ctx):
     names = list(regimes)
     rows = [(k + 1, *(acc[n][k] for n in names), *(dist[n][k] for n in names)) for k in range(ctx.steps)]
     table(["step", *(f"acc {n}" for n in names), *(f"rms {n}" for n in names)], rows,
-          ["", *["12.3f"] * 3, *["12.3f"] * 3])
+          ["", *[".3f"] * 3, *[".3f"] * 3])
     print("wrote", write_csv(ctx, "trajectory", ["step", *(f"acc_{n}" for n in names),
                                                  *(f"rms_to_final_{n}" for n in names)],
                              [(r[0], *(f"{v:.4f}" for v in r[1:])) for r in rows]))
@@ -276,7 +273,7 @@ def analysis_bandswap(ctx):
     acc = ctx.judge.score
     print(f"{len(y)} noises; closeness: 1 = the refined sample, 0 = as far as the Gaussian sample; "
           f"class acc of Gaussian {acc(gauss, y)['class_acc']:.3f}, of refined {acc(refined, y)['class_acc']:.3f}")
-    table(["noise", "closeness", "class acc"], rows, ["", "12.3f", "12.3f"])
+    table(["noise", "closeness", "class acc"], rows, ["", ".3f", ".3f"])
     print("wrote", write_csv(ctx, "bandswap", ["noise", "closeness_to_refined", "class_acc"],
                              [(r[0], f"{r[1]:.4f}", f"{r[2]:.4f}") for r in rows]))
     print("wrote", grid(ctx, "bandswap", pictures), "(rows: the Gaussian sample; x_T with band 0-0.1, 0.1-0.2, ... "
@@ -309,7 +306,7 @@ def analysis_slerp(ctx, points=8):
            for name, imgs in (("unrefined", plain), ("refined", refined))}
     print(f"class accuracy along the interpolation ({pairs} pairs of noises, same class within a pair):")
     rows = [(f"{a:.2f}", acc["unrefined"][i], acc["refined"][i]) for i, a in enumerate(alphas)]
-    table(["alpha", "unrefined", "refined"], rows, ["", "12.3f", "12.3f"])
+    table(["alpha", "unrefined", "refined"], rows, ["", ".3f", ".3f"])
     step = {name: float((imgs[:, 1:] - imgs[:, :-1]).pow(2).mean()) for name, imgs in
             (("unrefined", plain), ("refined", refined))}
     print(f"mean squared change between neighbouring images: unrefined {step['unrefined']:.4f}, "
@@ -335,8 +332,8 @@ def analysis_mismatch(ctx):
         images[name] = sample_many(ctx.teacher, x, c, ctx.steps)
         cls = ctx.judge.classify(images[name])
         rows.append((name, float((cls == a).float().mean()), float((cls == b).float().mean())))
-    print(f"b = a + 1 (mod {ctx.K}); shares of {len(a)} samples the classifier puts in class a and in class b:")
-    table(["case", "share a", "share b"], rows, ["", "12.3f", "12.3f"])
+    print(f"b = a + 1 (mod {ctx.K}); shares of {len(a)} samples the judge puts in class a and in class b:")
+    table(["case", "share a", "share b"], rows, ["", ".3f", ".3f"])
     print("wrote", write_csv(ctx, "mismatch", ["case", "share_a", "share_b"],
                              [(r[0], *(f"{v:.4f}" for v in r[1:])) for r in rows]))
     idx = balanced_first(a, ctx.K, 1)
@@ -369,7 +366,7 @@ def msd_and_full_gradients(ctx, x_T, y, x0_guide, N):
     return grads
 
 
-def analysis_jacobian(ctx, samples=4, N=10):
+def analysis_jacobian(ctx, samples=4, N=Training().msd_steps):
     test = data.load_dataset(*ctx.dataset_args, "test")
     gen = noises.generator("analysis")
     images, labels = test.batch(torch.randint(len(test), (samples,), generator=gen))
@@ -381,11 +378,11 @@ def analysis_jacobian(ctx, samples=4, N=10):
         rows.append((t, sum(c for c, _ in per_image) / samples, sum(d for _, d in per_image) / samples))
     print(f"Jacobian of eps w.r.t. x_t ({3 * ctx.size * ctx.size} x {3 * ctx.size * ctx.size}, {samples} real "
           "test images noised to t): c = tr(J)/d and ||J - cI|| / ||J||")
-    table(["t", "c", "rel. dist"], rows, ["", "12.3f", "12.3f"])
+    table(["t", "c", "rel. dist"], rows, ["", ".3f", ".3f"])
     write_csv(ctx, "jacobian", ["t", "c", "rel_dist_from_cI"], [(r[0], f"{r[1]:.5f}", f"{r[2]:.5f}") for r in rows])
 
     x_T, y = bank(ctx, 64)
-    g_m, g_f = msd_and_full_gradients(ctx, x_T, y, sample(ctx.teacher, x_T, y, ctx.steps, W_CFG), N)
+    g_m, g_f = msd_and_full_gradients(ctx, x_T, y, sample(ctx.teacher, x_T, y, ctx.steps, DISPLAY_W), N)
     cos = (g_m * g_f).sum(1) / (g_m.norm(dim=1) * g_f.norm(dim=1))
     k = (g_m * g_f).sum(1) / g_m.pow(2).sum(1)  # Proposition 2's k, if g_full were a multiple of g_msd
     print(f"MSD vs full-backprop gradient w.r.t. x_hat_T (N = {N}, 64 refined noises, CFG targets): cosine "
@@ -416,7 +413,7 @@ def analysis_inversion(ctx, inversion_steps=(20, 100)):
     """Invert CFG samples with unguided DDIM at the sampling step count and at a finer one (the inversion's
     eps-at-the-previous-point approximation shrinks with the step size), then sample unguided back."""
     x_T, y = bank(ctx, min(ctx.n, 500))
-    x_cfg = sample_many(ctx.teacher, x_T, y, ctx.steps, W_CFG)
+    x_cfg = sample_many(ctx.teacher, x_T, y, ctx.steps, DISPLAY_W)
     x_hat = refine(ctx, x_T, y)
     score = ctx.judge.score
     d_ref = (x_hat - x_T).flatten(1)
@@ -433,10 +430,10 @@ def analysis_inversion(ctx, inversion_steps=(20, 100)):
         rows.append(("inverted CFG sample", steps, score(recon, y)["class_acc"],
                      10 * math.log10(4 / float((recon - x_cfg).pow(2).mean())), float(d_inv.abs().mean()),
                      band_energy(x_inv - x_T)[0], cos))
-    print(f"{len(y)} CFG samples (w = {W_CFG:g}, {ctx.steps} steps) inverted by unguided DDIM, then sampled unguided "
+    print(f"{len(y)} CFG samples (w = {DISPLAY_W:g}, {ctx.steps} steps) inverted by unguided DDIM, then sampled unguided "
           "from the inverted noise x_T^guide; d = noise - x_T")
     table(["noise", "steps", "acc unguided", "recon PSNR dB", "mean |d|", "low-band share", "cos(d, d_ref)"],
-          rows, ["", "", "12.3f", "12.1f", "12.4f", "12.3f", "12.3f"])
+          rows, ["", "", ".3f", ".1f", ".4f", ".3f", ".3f"])
     print(f"CFG itself: class acc {score(x_cfg, y)['class_acc']:.3f}; two independent noises: mean |d| 1.13, "
           "low-band share 0.020")
     write_csv(ctx, "inversion", ["noise", "steps", "class_acc_unguided", "recon_psnr_db", "mean_abs_diff",
@@ -461,30 +458,58 @@ def analysis_samplers(ctx):
     rows = []
     for sampler in SAMPLERS:
         for steps in (10, 20, 50):
-            for name, x, w in (("Gaussian", x_T, 0.0), (f"Gaussian + CFG {W_CFG:g}", x_T, W_CFG),
-                               ("refined", x_hat, 0.0)):
-                s = ctx.judge.score(sample_many(ctx.teacher, x, y, steps, w, sampler=sampler), y)
-                rows.append((sampler, steps, name, s["class_acc"], s["fd_cls"]))
-    print(f"{len(y)} held-out noises (FD_cls on so few samples is biased upward; compare within the table):")
-    table(["sampler", "steps", "noise", "class acc", "FD_cls"], rows, ["", "", "", "12.3f", "12.2f"])
-    print("wrote", write_csv(ctx, "samplers", ["sampler", "steps", "noise", "class_acc", "fd_cls"],
-                             [(*r[:3], f"{r[3]:.4f}", f"{r[4]:.3f}") for r in rows]))
+            measured = {name: ctx.judge.measure(sample_many(ctx.teacher, x, y, steps, w, sampler=sampler), y)
+                        for name, x, w in (("Gaussian", x_T, 0.0), ("Gaussian + CFG", x_T, DISPLAY_W),
+                                           ("refined", x_hat, 0.0))}
+            scores = {name: ctx.judge.point_scores(m) for name, m in measured.items()}
+            acc = ctx.judge.difference(measured["refined"], measured["Gaussian + CFG"])["class_acc"]
+            rows.append((sampler, steps, *(f"{scores[n]['class_acc']:.3f} / {scores[n]['fd_cls']:.2f}" for n in scores),
+                         f"{acc[0]:+.3f} [{acc[1]:+.3f}, {acc[2]:+.3f}]"))
+    print(f"{len(y)} held-out noises, class accuracy / FD_cls (FD_cls on so few samples is biased upward: compare "
+          f"within the table); CFG at w = {DISPLAY_W:g}; the last column with its 95% paired interval")
+    table(["sampler", "steps", "Gaussian", "Gaussian + CFG", "refined", "refined - CFG acc"], rows, [""] * 6)
+    print("wrote", write_csv(ctx, "samplers", ["sampler", "steps", "gaussian", "cfg", "refined", "refined_minus_cfg_acc"],
+                             rows))
     return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# 11. The judge against the filter: how much would the network that chose the pairs flatter the result?
+# ----------------------------------------------------------------------------------------------
+
+
+def analysis_judges(ctx):
+    """Score the same samples twice: by the judge (every table's grader) and by the filter (the network
+    that chose the training pairs, so the refiner was trained toward images it likes)."""
+    x_T, y = bank(ctx)
+    graders = {"judge": ctx.judge, "filter": Judge(*load_or_train(FILTER, *ctx.dataset_args, ctx.judge.trained.device))}
+    regimes = {"unguided": (x_T, 0.0), f"cfg w={DISPLAY_W:g}": (x_T, DISPLAY_W), "refined": (refine(ctx, x_T, y), 0.0)}
+    rows = []
+    for name, (x, w) in regimes.items():
+        images = sample_many(ctx.teacher, x, y, ctx.steps, w)
+        scores = {g: grader.score(images, y) for g, grader in graders.items()}
+        rows.append((name, *(scores[g][k] for k in ("class_acc", "fd_cls") for g in graders)))
+    print(f"{len(y)} dev-bank noises, each regime's samples scored by both networks (FD_cls in each one's own "
+          "feature space, so compare within a column)")
+    table(["regime", "acc judge", "acc filter", "FD_cls judge", "FD_cls filter"], rows, ["", ".3f", ".3f", ".2f", ".2f"])
+    print("wrote", write_csv(ctx, "judges", ["regime", "acc_judge", "acc_filter", "fd_judge", "fd_filter"],
+                             [(r[0], *(f"{v:.4f}" for v in r[1:])) for r in rows]))
+    return {r[0]: dict(zip(("acc_judge", "acc_filter", "fd_judge", "fd_filter"), r[1:])) for r in rows}
 
 
 ANALYSES = {"diff": analysis_diff, "spectrum": analysis_spectrum, "layout": analysis_layout,
             "trajectory": analysis_trajectory, "bandswap": analysis_bandswap, "slerp": analysis_slerp,
             "mismatch": analysis_mismatch, "jacobian": analysis_jacobian, "inversion": analysis_inversion,
-            "samplers": analysis_samplers}
+            "samplers": analysis_samplers, "judges": analysis_judges}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("name", choices=[*ANALYSES, "all"])
     p.add_argument("--teacher", default="runs/teacher/ckpt.pt")
     p.add_argument("--refiner", default="runs/refiner/ckpt.pt")
     p.add_argument("--n", type=int, default=1000, help="held-out noises (some analyses use fewer, see each)")
-    p.add_argument("--steps", type=int, default=20, help="DDIM steps")
+    p.add_argument("--steps", type=int, default=STEPS, help="DDIM steps")
     p.add_argument("--out", default="runs/analysis")
     p.add_argument("--seed", type=int, default=0, help="seeds torch; the noise bank itself is fixed")
     p.add_argument("--device", default="cpu")
@@ -494,6 +519,7 @@ def parse_args(argv=None):
     return args
 
 
+@entry_point
 def main(argv=None):
     args = parse_args(argv)
     device = resolve_device(args.device)
@@ -501,10 +527,7 @@ def main(argv=None):
     teacher, ckpt = load_teacher(args.teacher, device)
     refiner = load_refiner(args.refiner, teacher, device)
     ds = ckpt["data"]
-    try:
-        judge = load_judge(ds["dataset"], ds["data_dir"], ds["image_size"], device)
-    except data.DataError as e:
-        die(str(e))
+    judge = load_judge(ds["dataset"], ds["data_dir"], ds["image_size"], device)
     os.makedirs(args.out, exist_ok=True)
     print(judge_line(judge))
     ctx = Context(teacher, refiner, judge, len(ds["classes"]), ds["image_size"], args.out, args.n, args.steps,

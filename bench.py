@@ -31,7 +31,10 @@ import time
 import torch
 
 import noises
-from checkpoint import PRESET_NAMES, build_model, die, model_config, resolve_device
+from cli import HelpFormatter, die, entry_point, print_table, resolve_device
+from checkpoint import save_json
+from models import PRESET_NAMES, build_model, model_config
+from pairs import DISPLAY_W
 from diffusion import sample, training_loss
 from evaluate import ForwardCounter
 from noiserefine import Refiner, full_loss, msd_loss
@@ -41,7 +44,7 @@ BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer rows, same layout and rounds (a few minutes on 2 cores)")
     p.add_argument("--models", nargs="+", default=None, help="presets for sampling and MSD (default: tiny ones)")
     p.add_argument("--steps", type=int, nargs="+", default=None, help="DDIM steps (default: 10 20 50)")
@@ -170,7 +173,7 @@ def inputs(model, batch, device, seed):
 
 
 def sampling_runs(model, steps, batch, device, seed=0, regimes=REGIMES):
-    """{regime: (run, networks)}: Gaussian unguided (w = 0), Gaussian + CFG (w = 3, cond and uncond in one
+    """{regime: (run, networks)}: Gaussian unguided (w = 0), Gaussian + CFG (DISPLAY_W, cond and uncond in one
     batched forward), refined unguided (x_hat_T = g_phi(x_T, c), one forward, then w = 0), and unguided at
     twice the batch: CFG's forward size, to measure what a doubled batch costs on this device."""
     teacher = random_teacher(model, device, seed)
@@ -179,7 +182,7 @@ def sampling_runs(model, steps, batch, device, seed=0, regimes=REGIMES):
     for regime in regimes:
         refiner = Refiner(teacher, 0).merge().to(device).eval().requires_grad_(False) if regime == "refined" \
             else None
-        w = 3.0 if regime == "cfg" else 0.0
+        w = DISPLAY_W if regime == "cfg" else 0.0
         x, c = (torch.cat([x_T, x_T]), torch.cat([y, y])) if regime == "unguided_2b" else (x_T, y)
 
         @torch.no_grad()
@@ -349,57 +352,58 @@ def ratio_text(r):
 
 
 def print_sampling(rows):
-    print("\n== sampling: Gaussian unguided, Gaussian + CFG (w = 3), refined unguided; img/s: median [min-max] of "
-          "the rounds")
-    print(f"{'model':<15} {'steps':>5} {'regime':<9} {'batch':>5} {'img/s [min-max]':>23} {'NFE/img':>7} "
-          f"{'peak MB':>8} {'mem ref/cfg':>11}")
+    print(f"\n== sampling: Gaussian unguided, Gaussian + CFG (w = {DISPLAY_W:g}), refined unguided; img/s: median "
+          "[min-max] of the rounds")
+    cells = []
     for r in rows:
         lo, hi = r["img_per_s_range"]
-        mem = ""
-        if r["regime"] == "refined":
-            cfg = next(c for c in rows if c["regime"] == "cfg" and c["model"] == r["model"] and c["steps"] == r["steps"])
-            ratio = r["peak_mem_mb"] / cfg["peak_mem_mb"] if r["peak_mem_mb"] and cfg["peak_mem_mb"] else None
-            mem = f" {fmt(ratio, '>10.2f')}x"
-        print(f"{r['model']:<15} {r['steps']:>5} {r['regime']:<9} {r['batch']:>5} {r['img_per_s']:>9.1f} "
-              f"[{lo:>5.1f}-{hi:>5.1f}] {r['nfe_per_image']:>7.1f} {fmt(r['peak_mem_mb'], '>8.1f')}{mem}")
+        cells.append([r["model"], r["steps"], r["regime"], r["batch"], f"{r['img_per_s']:.1f} [{lo:.1f}-{hi:.1f}]",
+                      f"{r['nfe_per_image']:.1f}", fmt(r["peak_mem_mb"], ".1f")])
+    print_table(["model", "steps", "regime", "batch", "img/s [min-max]", "NFE/img", "peak MB"], cells)
     print("refined/CFG images per second (median [min-max] of per-round ratios) beside the forward-count limit "
-          "2N/(N+1) and that limit times the measured premium of CFG's doubled batch, t(2B) / (2 t(B)):")
+          "2N/(N+1), the measured premium of CFG's doubled batch, t(2B) / (2 t(B)), and their product:")
+    cells = []
     for r in rows:
         if r["regime"] == "refined":
-            print(f"{r['model']:<15} {r['steps']:>5} steps: refined/cfg {ratio_text(r['refined_over_cfg']):>20}  "
-                  f"limit {r['limit']:.3f}x  batch premium {ratio_text(r['batch_premium'])}  "
-                  f"limit x premium {r['limit_times_premium']:.2f}x")
+            cfg = next(c for c in rows if c["regime"] == "cfg" and c["model"] == r["model"] and c["steps"] == r["steps"])
+            mem = r["peak_mem_mb"] / cfg["peak_mem_mb"] if r["peak_mem_mb"] and cfg["peak_mem_mb"] else None
+            cells.append([r["model"], r["steps"], ratio_text(r["refined_over_cfg"]), f"{r['limit']:.3f}x",
+                          ratio_text(r["batch_premium"]), f"{r['limit_times_premium']:.2f}x", fmt(mem, ".2f") + "x"])
+    print_table(["model", "steps", "refined/cfg", "limit 2N/(N+1)", "batch premium", "limit x premium",
+                 "memory refined/cfg"], cells)
 
 
 def print_msd(rows):
     print("\n== refiner training step: L_MSD (stop-gradient) vs full backprop through N teacher calls")
-    print(f"{'model':<15} {'N':>3} {'loss':<5} {'batch':>5} {'s/step':>8} {'peak MB':>9} "
-          f"{'full/msd time [min-max]':>24} {'(2N+3)/(N+3)':>12} {'full/msd mem':>12}")
+    cells = []
     for r in rows:
-        extra = ""
+        extra = ["", "", ""]
         if r["loss"] == "full":
             msd = next(m for m in rows if m["loss"] == "msd" and m["model"] == r["model"] and m["N"] == r["N"])
             if r.get("oom"):
-                extra = "   out of memory"
+                extra = ["out of memory", "", ""]
             else:
                 mem = r["peak_mem_mb"] / msd["peak_mem_mb"] if r["peak_mem_mb"] and msd["peak_mem_mb"] else None
-                extra = (f" {ratio_text(r['full_over_msd']):>24} "
-                         f"{(2 * r['N'] + 3) / (r['N'] + 3):>11.2f}x {fmt(mem, '>11.1f')}x")
-        print(f"{r['model']:<15} {r['N']:>3} {r['loss']:<5} {r['batch']:>5} {fmt(r['sec_per_step'], '>8.3f')} "
-              f"{fmt(r['peak_mem_mb'], '>9.1f')}{extra}")
+                extra = [ratio_text(r["full_over_msd"]), f"{(2 * r['N'] + 3) / (r['N'] + 3):.2f}x", fmt(mem, ".1f") + "x"]
+        cells.append([r["model"], r["N"], r["loss"], r["batch"], fmt(r["sec_per_step"], ".3f"),
+                      fmt(r["peak_mem_mb"], ".1f"), *extra])
+    print_table(["model", "N", "loss", "batch", "s/step", "peak MB", "full/msd time [min-max]", "(2N+3)/(N+3)",
+                 "full/msd memory"], cells)
 
 
 def print_teacher(rows):
     print("\n== teacher training step (forward, eps loss, backward, AdamW); TFLOP/s from a FlopCounterMode count "
           "of the forward x 3")
-    print(f"{'model':<15} {'dtype':<24} {'batch':>5} {'img/s [min-max]':>25} {'TFLOP/s':>8} {'of bf16 peak':>12}")
+    cells = []
     for r in rows:
-        share = fmt(None if r["share_of_bf16_peak"] is None else 100 * r["share_of_bf16_peak"], ">11.1f")
         lo, hi = r["img_per_s_range"]
-        print(f"{r['model']:<15} {r['dtype']:<24} {r['batch']:>5} {r['img_per_s']:>9.1f} [{lo:>6.1f}-{hi:>6.1f}] "
-              f"{r['tflops']:>8.4f} {share}{'%' if share != '-' else ''}")
+        share = None if r["share_of_bf16_peak"] is None else 100 * r["share_of_bf16_peak"]
+        cells.append([r["model"], r["dtype"], r["batch"], f"{r['img_per_s']:.1f} [{lo:.1f}-{hi:.1f}]",
+                      f"{r['tflops']:.4f}", fmt(share, ".1f") + ("%" if share is not None else "")])
+    print_table(["model", "dtype", "batch", "img/s [min-max]", "TFLOP/s", "of bf16 peak"], cells)
 
 
+@entry_point
 def main(argv=None):
     args = parse_args(argv)
     device = resolve_device(args.device)
@@ -435,10 +439,7 @@ def main(argv=None):
                 teacher.append(bench_teacher(**kw, channels_last=True))
     print_teacher(teacher)
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({**head, "memory": mem_note, "sampling": rows, "msd": msd, "teacher": teacher}, f, indent=2)
-        os.replace(tmp, args.json)
+        save_json({**head, "memory": mem_note, "sampling": rows, "msd": msd, "teacher": teacher}, args.json)
         print(f"\nwrote {args.json}")
 
 

@@ -8,24 +8,18 @@
 Images stay uint8 in memory (ImageNet-64 in float32 would be 60 GB); `ImageSet.batch` gives [-1, 1].
 """
 import glob
-import hashlib
 import io
 import os
-import pickle
 import sys
-import tarfile
-import urllib.request
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 
+from safety import BadInput, NumpyOnlyUnpickler, fetch, read_from_tar, write_atomic
+
 DATASETS = ("shapes", "cifar10", "imagenet64", "folder")
-
-
-class DataError(ValueError):
-    """Bad data input; the scripts print it as a one-line error."""
 
 
 @dataclass
@@ -62,7 +56,7 @@ def load_dataset(name, data_dir="data", image_size=None, split="train", download
         return imagenet64(data_dir, split, image_size)
     if name == "folder":
         return image_folder(data_dir, image_size or 32, split)
-    raise DataError(f"--dataset {name!r} is not one of {', '.join(DATASETS)}")
+    raise BadInput(f"--dataset {name!r} is not one of {', '.join(DATASETS)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,31 +147,19 @@ CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-class NumpyOnlyUnpickler(pickle.Unpickler):
-    """CIFAR batches are pickles; allow only what they hold (numpy arrays), so a file cannot run code."""
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-        return super().find_class(module, name)
-
-
 def read_cifar_batch(raw, where):
     try:
         d = NumpyOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
         images = np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32)
         labels = np.asarray(d[b"labels"], np.int64)
     except Exception as e:
-        raise DataError(f"{where}: not a CIFAR-10 python batch ({type(e).__name__}: {e})") from None
+        raise BadInput(f"{where}: not a CIFAR-10 python batch ({type(e).__name__}: {e})") from None
     return images, labels
 
 
 def cifar10(data_dir, split="train", download=False, image_size=None):
     if image_size not in (None, 32):
-        raise DataError(f"--image-size {image_size}: CIFAR-10 images are 32x32")
+        raise BadInput(f"--image-size {image_size}: CIFAR-10 images are 32x32")
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     folder = os.path.join(data_dir, "cifar-10-batches-py")
     archive = os.path.join(data_dir, "cifar-10-python.tar.gz")
@@ -185,64 +167,19 @@ def cifar10(data_dir, split="train", download=False, image_size=None):
         raws = []
         for path in (os.path.join(folder, n) for n in names):
             if not os.path.isfile(path):
-                raise DataError(f"--data-dir {data_dir}: {path} is missing")
+                raise BadInput(f"--data-dir {data_dir}: {path} is missing")
             raws.append((open(path, "rb").read(), path))
     else:
         if not os.path.isfile(archive):
             if not download:
-                raise DataError(f"--data-dir {data_dir}: no cifar-10-python.tar.gz or cifar-10-batches-py/ "
+                raise BadInput(f"--data-dir {data_dir}: no cifar-10-python.tar.gz or cifar-10-batches-py/ "
                                 f"there; put the archive from {CIFAR_URL} there, or add --download")
             fetch(CIFAR_URL, archive, CIFAR_MD5)
-        raws = read_from_tar(archive, [f"cifar-10-batches-py/{n}" for n in names])
+        raws = read_from_tar(archive, [f"cifar-10-batches-py/{n}" for n in names], "CIFAR-10 python archive")
     parts = [read_cifar_batch(raw, where) for raw, where in raws]
     images = torch.from_numpy(np.concatenate([p[0] for p in parts]))
     labels = torch.from_numpy(np.concatenate([p[1] for p in parts]))
     return ImageSet(images, labels, list(CIFAR_CLASSES))
-
-
-def read_from_tar(archive, members):
-    """Read members straight from the archive: nothing is extracted, so no member can write outside it.
-    An archive that holds a member with an absolute path, a `..` or a link is refused all the same: the
-    real CIFAR-10 archive has none, so one that does was not made by its authors."""
-    try:
-        with tarfile.open(archive, "r:gz") as tar:
-            for info in tar.getmembers():
-                if unsafe_member(info):
-                    raise DataError(f"{archive}: refusing an archive with the unsafe member {info.name!r} "
-                                    "(absolute path, '..' or a link)")
-            out = []
-            names = set(tar.getnames())
-            for m in members:
-                if m not in names:
-                    raise DataError(f"{archive}: not the CIFAR-10 python archive (no member {m})")
-                info = tar.getmember(m)
-                if not info.isfile():
-                    raise DataError(f"{archive}: member {m} is not a regular file")
-                out.append((tar.extractfile(info).read(), f"{archive}:{m}"))
-            return out
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise DataError(f"{archive}: not a readable tar.gz archive ({type(e).__name__}: {e})") from None
-
-
-def unsafe_member(info):
-    parts = info.name.replace("\\", "/").split("/")
-    return info.name.startswith(("/", "\\")) or ".." in parts or info.issym() or info.islnk()
-
-
-def fetch(url, path, md5):
-    """Download to path.part, check the MD5, then rename; a mismatch deletes the partial file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    part = path + ".part"
-    print(f"downloading {url} -> {path}", file=sys.stderr)
-    try:
-        urllib.request.urlretrieve(url, part)
-    except OSError as e:
-        raise DataError(f"--download: could not fetch {url} ({e})") from None
-    digest = hashlib.md5(open(part, "rb").read()).hexdigest()
-    if digest != md5:
-        os.remove(part)
-        raise DataError(f"--download: {url} has MD5 {digest}, expected {md5}; the partial file was deleted")
-    os.replace(part, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,26 +189,26 @@ def fetch(url, path, md5):
 
 def imagenet64(data_dir, split="train", image_size=None):
     if image_size not in (None, 64):
-        raise DataError(f"--image-size {image_size}: ImageNet-64 images are 64x64")
+        raise BadInput(f"--image-size {image_size}: ImageNet-64 images are 64x64")
     pattern = "train_data_batch_*.npz" if split == "train" else "val_data.npz"
     files = sorted(glob.glob(os.path.join(data_dir, pattern)))
     if not files:
-        raise DataError(f"--data-dir {data_dir}: no {pattern} there (downsampled ImageNet 64x64 npz batches)")
+        raise BadInput(f"--data-dir {data_dir}: no {pattern} there (downsampled ImageNet 64x64 npz batches)")
     images, labels = [], []
     for f in files:
         try:
             with np.load(f, allow_pickle=False) as z:
                 data, lab = z["data"], z["labels"]
         except Exception as e:
-            raise DataError(f"{f}: not an ImageNet-64 npz with keys 'data' and 'labels' "
+            raise BadInput(f"{f}: not an ImageNet-64 npz with keys 'data' and 'labels' "
                             f"({type(e).__name__}: {e})") from None
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 64 * 64 or len(lab) != len(data):
-            raise DataError(f"{f}: expected 'data' uint8 (N, 12288) and N 'labels', got {data.dtype} {data.shape}")
+            raise BadInput(f"{f}: expected 'data' uint8 (N, 12288) and N 'labels', got {data.dtype} {data.shape}")
         images.append(data.reshape(-1, 3, 64, 64))
         labels.append(np.asarray(lab, np.int64) - 1)  # labels are 1..1000 in the files
     labels = np.concatenate(labels)
     if labels.min() < 0 or labels.max() > 999:
-        raise DataError(f"--data-dir {data_dir}: ImageNet-64 labels must lie in 1..1000")
+        raise BadInput(f"--data-dir {data_dir}: ImageNet-64 labels must lie in 1..1000")
     return ImageSet(torch.from_numpy(np.concatenate(images)), torch.from_numpy(labels),
                     [f"class{i:03d}" for i in range(1000)])
 
@@ -287,13 +224,13 @@ def image_folder(root, image_size=32, split="train"):
     """Every 10th image of each class (in sorted order) is held out as the test split.
     An unreadable file is skipped with a warning, so one bad file does not stop a long run."""
     if not os.path.isdir(root):
-        raise DataError(f"--data-dir {root}: not a folder")
+        raise BadInput(f"--data-dir {root}: not a folder")
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     files = {c: sorted(f for f in os.listdir(os.path.join(root, c)) if f.lower().endswith(IMAGE_EXTS))
              for c in classes}
     classes = [c for c in classes if files[c]]
     if len(classes) < 2:
-        raise DataError(f"--data-dir {root}: need at least 2 class folders with images "
+        raise BadInput(f"--data-dir {root}: need at least 2 class folders with images "
                         f"(root/<class>/*.png|jpg), found {len(classes)}")
     images, labels = [], []
     for k, c in enumerate(classes):
@@ -305,7 +242,7 @@ def image_folder(root, image_size=32, split="train"):
                 images.append(img)
                 labels.append(k)
     if not images:
-        raise DataError(f"--data-dir {root}: no readable images in the {split} split")
+        raise BadInput(f"--data-dir {root}: no readable images in the {split} split")
     return ImageSet(torch.from_numpy(np.stack(images)), torch.tensor(labels), classes)
 
 
@@ -335,7 +272,4 @@ def save_grid(images, nrow, path, scale=4, pad=1):
         canvas[pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = \
             x[i].transpose(1, 2, 0)
     img = Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    img.save(tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: img.save(f, format="PNG"))

@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 import data
 import noises
-from checkpoint import FORMAT, die, fingerprint, load_checkpoint, load_teacher, resolve_device, save_atomic
+from checkpoint import FORMAT, fingerprint, load_checkpoint, load_teacher, save_atomic, save_json
+from cli import STEPS, HelpFormatter, die, entry_point, print_table as print_cells, resolve_device
 from diffusion import sample_many
 
 CLASSIFIER_STEPS = 600  # enough for >= 99% held-out accuracy on the embedded set (about 30 s on 2 cores)
@@ -85,10 +86,13 @@ def half_of(images, half):
 
 
 def train_classifier(train, test, spec, flip, steps=None, batch_size=128, device="cpu"):
+    """(classifier, accuracy on the real held-out images). The global random state is left as it was, so a
+    run that trains the classifier draws what a run that loads it from the cache draws."""
+    with torch.random.fork_rng():
+        torch.manual_seed(spec.seed)
+        clf = Classifier(len(train.classes), spec.width).to(device)
     steps = steps or CLASSIFIER_STEPS
     gen = torch.Generator().manual_seed(spec.seed)
-    torch.manual_seed(spec.seed)
-    clf = Classifier(len(train.classes), spec.width).to(device)
     opt = torch.optim.AdamW(clf.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
     for _ in tqdm(range(steps), desc=spec.role, leave=False):
@@ -380,7 +384,7 @@ class ForwardCounter:
             h.remove()
 
 
-def run_regime(teacher, judge, x_T, y, name, w=0.0, steps=20, refiner=None, batch_size=250, intervals=True):
+def run_regime(teacher, judge, x_T, y, name, w=0.0, steps=STEPS, refiner=None, batch_size=250, intervals=True):
     """Sample the bank in one regime, time it, count forwards, score it. Returns (row, images, measured)."""
     n = min(batch_size, len(y))  # warm-up, not timed or counted: allocator and kernels settle first
     sample_many(teacher, x_T[:n], y[:n], 1, w, batch_size=batch_size, refiner=refiner)
@@ -406,16 +410,18 @@ def judge_line(judge, filter=None):
 
 
 def print_table(rows, title=None):
+    """The regime table: every score with its 95% interval where it has one."""
     if title:
         print(title)
-    print(f"{'regime':<10} {'w':>5} {'steps':>5} {'class_acc [95% CI]':>21} {'FD_cls [95% CI]':>20} "
-          f"{'IS_cls':>6} {'prec':>5} {'recall':>6} {'divers':>6} {'NFE/img':>7} {'ms/img':>7}")
+    cells = []
     for r in rows:
         acc, fd = r["ci"]["class_acc"], r["ci"]["fd_cls"]
-        print(f"{r['name']:<10} {r['w']:>5.2f} {r['steps']:>5d} {r['class_acc']:>7.3f} [{acc[0]:.3f}, {acc[1]:.3f}] "
-              f"{r['fd_cls']:>6.2f} [{fd[0]:>5.2f}, {fd[1]:>5.2f}] {r['is_cls']:>6.2f} {r['precision']:>5.3f} "
-              f"{r['recall']:>6.3f} {r['diversity']:>6.3f} {r['nfe_per_image']:>7.1f} "
-              f"{1000 * r['sec_per_image']:>7.2f}")
+        cells.append([r["name"], f"{r['w']:.2f}", r["steps"], f"{r['class_acc']:.3f} [{acc[0]:.3f}, {acc[1]:.3f}]",
+                      f"{r['fd_cls']:.2f} [{fd[0]:.2f}, {fd[1]:.2f}]", f"{r['is_cls']:.2f}", f"{r['precision']:.3f}",
+                      f"{r['recall']:.3f}", f"{r['diversity']:.3f}", f"{r['nfe_per_image']:.1f}",
+                      f"{1000 * r['sec_per_image']:.2f}"])
+    print_cells(["regime", "w", "steps", "class_acc [95% CI]", "FD_cls [95% CI]", "IS_cls", "precision", "recall",
+                 "diversity", "NFE/img", "ms/img"], cells)
 
 
 def print_difference(name_a, name_b, diff):
@@ -424,18 +430,12 @@ def print_difference(name_a, name_b, diff):
           f"FD_cls {fd[0]:+.2f} [{fd[1]:+.2f}, {fd[2]:+.2f}] ({verdict(diff, 'fd_cls')}; lower is better)")
 
 
-def write_json(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+@entry_point
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--teacher", default="runs/teacher/ckpt.pt", help="teacher checkpoint")
     p.add_argument("--n", type=int, default=1000, help="samples per regime (balanced classes)")
-    p.add_argument("--steps", type=int, default=20, help="DDIM steps")
+    p.add_argument("--steps", type=int, default=STEPS, help="DDIM steps")
     p.add_argument("--w", type=float, nargs="+", default=[1.0, 2.0, 3.0, 4.0], help="CFG scales to compare")
     p.add_argument("--bank", default="test", choices=noises.BANKS,
                    help="held-out noises: 'test' for reported tables, 'dev' for choosing settings")
@@ -443,17 +443,14 @@ def main():
     p.add_argument("--json", default=None, help="also write the table here")
     p.add_argument("--seed", type=int, default=0, help="seeds torch; the noise bank itself is fixed")
     p.add_argument("--device", default="cpu")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.n < 1 or args.steps < 1 or any(w < 0 for w in args.w):
         die("--n and --steps must be positive and every --w >= 0")
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     teacher, ckpt = load_teacher(args.teacher, device)
     ds = ckpt["data"]
-    try:
-        judge = load_judge(ds["dataset"], ds["data_dir"], ds["image_size"], device)
-    except data.DataError as e:
-        die(str(e))
+    judge = load_judge(ds["dataset"], ds["data_dir"], ds["image_size"], device)
     x_T, y = noises.bank(args.bank, args.n, len(ds["classes"]), (3, ds["image_size"], ds["image_size"]))
     rows = [run_regime(teacher, judge, x_T, y, "unguided", 0.0, args.steps, batch_size=args.batch_size)[0]]
     rows += [run_regime(teacher, judge, x_T, y, "cfg", w, args.steps, batch_size=args.batch_size)[0]
@@ -461,8 +458,8 @@ def main():
     print_table(rows, f"{args.teacher}: {args.n} held-out noises ({args.bank} bank), {args.steps} DDIM steps\n"
                       f"{judge_line(judge)}")
     if args.json:
-        write_json({"regimes": rows, "judge": judge.info(), "filter": None, "bank": args.bank,
-                    "teacher": args.teacher}, args.json)
+        save_json({"regimes": rows, "judge": judge.info(), "filter": None, "bank": args.bank,
+                   "teacher": args.teacher}, args.json)
 
 
 if __name__ == "__main__":

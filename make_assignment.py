@@ -14,16 +14,12 @@ import os
 import re
 import shutil
 import subprocess
-import sys
+
+from cli import HelpFormatter, die
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BEGIN, END = "# BEGIN SOLUTION", "# END SOLUTION"
 SKIP = {".git", ".venv", "runs", "data", "samples", "__pycache__", ".pytest_cache"}
-
-
-def die(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
 
 
 def repository_files():
@@ -94,7 +90,7 @@ def read(rel):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", required=True, help="an empty or new folder outside this repository")
     p.add_argument("--only", nargs="+", default=None, help="blank only these functions (default: all marked)")
     args = p.parse_args(argv)

@@ -13,14 +13,21 @@ those of v1; they move between versions. Names used here:
     MSD        multistep score distillation, L_MSD = ||F_1(...F_T(x_hat_T)) - x0_guide||^2  (eq. 5)
 
 Inference: refine once (one forward), then sample with no guidance: N + 1 forwards instead of 2N.
+The guided pairs (x_T, c, x0_guide) the refiner learns from are made in pairs.py.
 """
 import copy
+import dataclasses
 import math
+import os
 
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
+from checkpoint import FORMAT, fingerprint, load_checkpoint, save_atomic
 from diffusion import T, ddim_schedule, ddim_step, timestep_batch
+from pairs import batch_of
+from safety import BadInput
 
 # ----------------------------------------------------------------------------------------------
 # LoRA (Hu et al., arXiv 2106.09685), from scratch
@@ -178,3 +185,135 @@ def full_loss(teacher, x_hat_T, y, x0_guide, steps=10):
 def prod_a(steps):
     """prod_t a_t over N DDIM steps = sqrt(1 / abar_999) ~ 157: the MSD gradient's scale."""
     return math.prod(a_t for _, a_t, _ in ddim_schedule(steps))
+
+
+# ----------------------------------------------------------------------------------------------
+# Training g_phi with L_MSD, keeping the weights of the best validation loss
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Training:
+    """The refiner's training settings (train_refiner.py's flags default to these)."""
+    steps: int = 800
+    batch_size: int = 32
+    lr: float = 3e-4
+    adam_eps: float = 1e-8  # must stay small next to sqrt(v): see `fit`
+    msd_steps: int = 10     # N: unguided DDIM steps inside L_MSD
+    val_every: int = 200
+    seed: int = 0
+
+
+def cosine_lr(step, steps, lr):
+    """Cosine decay from lr to 0 over `steps`: the last steps settle."""
+    return lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
+@torch.no_grad()
+def validation_loss(refiner, teacher, val, msd_steps, device):
+    """L_MSD over the validation pairs, with the refiner in eval mode (the mode sampling uses)."""
+    refiner.eval()
+    total = 0.0
+    for i in range(0, len(val["y"]), 250):
+        x_T, y, x0_guide = batch_of(val, slice(i, i + 250), device)
+        total += msd_loss(teacher, refiner(x_T, y), y, x0_guide, msd_steps).item() * len(y)
+    return total / len(val["y"])
+
+
+@torch.no_grad()
+def eps_bound_share(opt):
+    """Share of the trained weights whose Adam denominator is mostly eps: sqrt(v_hat) < 10 eps. Where it is
+    not small, the loss scale changes the steps (a loss k times smaller moves those weights less)."""
+    bound = total = 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state.get(p)
+            if state:
+                v_hat = state["exp_avg_sq"] / (1 - group["betas"][1] ** float(state["step"]))
+                bound += int((v_hat.sqrt() < 10 * group["eps"]).sum())
+                total += p.numel()
+    return bound / max(total, 1)
+
+
+def fit(refiner, teacher, train_pairs, val, t, device, ckpt_path, meta, resume=False, stop_at=None):
+    """Train the refiner's trainable weights with L_MSD (settings t: Training); checkpoint to ckpt_path at
+    every validation, with `meta` (the teacher's fingerprint and path, the run's flags). Returns the
+    refiner, in eval mode, with the weights of the best validation loss: a cloned snapshot, so later steps
+    do not move it. resume continues from ckpt_path; stop_at stops there as if interrupted (tests)."""
+    params = [p for p in refiner.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=0.0, eps=t.adam_eps)
+    gen = torch.Generator().manual_seed(t.seed)
+    step, best, best_state = 0, float("inf"), refiner.trainable_state()
+    if resume:
+        ckpt = load_refiner_ckpt(ckpt_path, meta["teacher_fingerprint"], "--resume")
+        refiner.load_state_dict(ckpt["state"], strict=False)
+        opt.load_state_dict(ckpt["opt"])
+        gen.set_state(ckpt["gen"])
+        step, best, best_state = ckpt["step"], ckpt["best_val"], ckpt["best"]
+
+    def save():
+        save_atomic({"kind": "refiner", "format": FORMAT, **meta, "rank": refiner.rank, "alpha": refiner.alpha,
+                     "state": refiner.trainable_state(), "best": best_state, "best_val": best,
+                     "opt": opt.state_dict(), "gen": gen.get_state(), "step": step}, ckpt_path)
+
+    # To first order x_hat_0 moves by prod(a_t) ~ 157 times a move of x_hat_T, so L_MSD / prod(a_t)^2 is
+    # the squared size of the noise-space correction x_hat_T still lacks (~1e-6: the correction is small).
+    # That is the number we print. We backpropagate L_MSD itself: Adam's steps ignore the loss scale only
+    # while its eps is small next to sqrt(v), and with the loss divided by prod(a_t)^2 ~ 2.5e4 it was not
+    # (see the "eps-bound" share the validation line prints, and ablate.py's row eps_scaled).
+    scale = prod_a(t.msd_steps) ** 2
+    if step == 0:
+        tqdm.write(f"step 0 (identity refiner): validation L_MSD/prod(a)^2 "
+                   f"{validation_loss(refiner, teacher, val, t.msd_steps, device) / scale:.4e}")
+    last = min(t.steps, stop_at or t.steps)
+    bar = tqdm(range(step, last), initial=step, total=t.steps, desc="refiner (MSD)")
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, t.steps, t.lr)
+        x_T, y, x0_guide = batch_of(train_pairs, torch.randint(len(train_pairs["y"]), (t.batch_size,),
+                                                                generator=gen), device)
+        refiner.train()
+        loss = msd_loss(teacher, refiner(x_T, y), y, x0_guide, t.msd_steps)
+        if not torch.isfinite(loss):
+            raise BadInput(f"MSD loss is {loss.item()} at step {step}; the last good checkpoint is kept in "
+                           f"{os.path.dirname(ckpt_path)}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        bar.set_postfix(loss=f"{loss.item() / scale:.3e}", best_val=f"{best / scale:.3e}")
+        if step % t.val_every == 0 or step == t.steps:
+            val_loss = validation_loss(refiner, teacher, val, t.msd_steps, device)
+            if val_loss < best:
+                best, best_state = val_loss, refiner.trainable_state()
+            save()
+            tqdm.write(f"step {step}: validation L_MSD/prod(a)^2 {val_loss / scale:.4e} (best {best / scale:.4e}); "
+                       f"eps-bound weights {eps_bound_share(opt):.2%}")
+        elif step == last:
+            save()
+    refiner.load_state_dict(best_state, strict=False)
+    return refiner.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading a trained refiner
+# ----------------------------------------------------------------------------------------------
+
+
+def load_refiner_ckpt(path, teacher_fp, flag="--refiner"):
+    """A refiner checkpoint, refused unless it was trained on the teacher with this fingerprint."""
+    ckpt = load_checkpoint(path, "refiner", flag)
+    if ckpt["teacher_fingerprint"] != teacher_fp:
+        raise BadInput(f"{flag} {path} was trained on teacher {ckpt['teacher_fingerprint']}, but this teacher is "
+                       f"{teacher_fp}; pass the teacher it was trained on (--teacher)")
+    return ckpt
+
+
+def load_refiner(path, teacher, device="cpu", flag="--refiner"):
+    """A trained refiner (best validation weights, LoRA merged) for the given teacher."""
+    ckpt = load_refiner_ckpt(path, fingerprint(teacher), flag)
+    refiner = Refiner(teacher, ckpt["rank"], ckpt["alpha"])
+    unexpected = refiner.load_state_dict(ckpt["best"], strict=False).unexpected_keys
+    if unexpected:
+        raise BadInput(f"{flag} {path}: weights do not fit this teacher ({unexpected[0]} ...)")
+    return refiner.merge().to(device).eval()

@@ -6,23 +6,25 @@
 Writes --out.png (one row per label) and --out.npz (uint8 images, labels, the x_T used).
 """
 import argparse
-import os
 
 import numpy as np
 import torch
 
 import data
 import noises
-from checkpoint import die, load_refiner, load_teacher, resolve_device, seed_everything
+from checkpoint import load_teacher
+from cli import STEPS, HelpFormatter, die, entry_point, resolve_device, seed_everything
 from diffusion import SAMPLERS, sample_many
+from noiserefine import load_refiner
+from safety import write_atomic
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--teacher", default="runs/teacher/ckpt.pt", help="teacher checkpoint")
     p.add_argument("--refiner", default=None, help="refiner checkpoint: sample from refined noise (w = 0)")
     p.add_argument("--w", type=float, default=0.0, help="CFG scale, eps_c + w (eps_c - eps_u); 0 = none")
-    p.add_argument("--steps", type=int, default=20, help="sampling steps")
+    p.add_argument("--steps", type=int, default=STEPS, help="sampling steps")
     p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS), help="ddim (the paper's), euler, dpm2m")
     p.add_argument("--labels", type=int, nargs="+", default=None, help="class ids (default: every class, up to 10)")
     p.add_argument("--per-label", type=int, default=8, help="samples per label")
@@ -37,6 +39,7 @@ def parse_args(argv=None):
     return args
 
 
+@entry_point
 def main(argv=None):
     args = parse_args(argv)
     device = resolve_device(args.device)
@@ -52,11 +55,9 @@ def main(argv=None):
     y = torch.tensor(labels).repeat_interleave(args.per_label)
     x_T = torch.randn((len(y), 3, size, size), generator=noises.generator("sample", args.seed))  # never a pair's
     images = sample_many(teacher, x_T, y, args.steps, args.w, refiner=refiner, desc="sampling", sampler=args.sampler)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     data.save_grid(images, args.per_label, args.out + ".png")
-    tmp = args.out + ".tmp.npz"
-    np.savez(tmp, images=data.to_uint8(images).numpy(), labels=y.numpy(), x_T=x_T.numpy())
-    os.replace(tmp, args.out + ".npz")
+    write_atomic(args.out + ".npz", lambda f: np.savez(f, images=data.to_uint8(images).numpy(), labels=y.numpy(),
+                                                        x_T=x_T.numpy()))
     regime = "refined noise, no guidance" if refiner else f"Gaussian noise, w = {args.w}"
     print(f"wrote {args.out}.png and {args.out}.npz: {len(y)} samples, {regime}, {args.steps} {args.sampler} steps")
 

@@ -6,7 +6,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from checkpoint import build_model, model_config  # noqa: E402
+from models import build_model, model_config  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -68,7 +68,8 @@ def test_every_analysis_runs_and_writes_its_files(tiny_run):
     assert results["diff"]["mean_independent"] == pytest.approx(2 / math.sqrt(math.pi), rel=0.1)  # E|N(0, 2)|
     assert 0 <= results["spectrum"]["low_share_refined"] <= 1
     assert len(results["jacobian"]["rows"]) == 8 and -1 <= results["jacobian"]["cosine_mean"] <= 1
-    assert len(results["samplers"]) == 3 * 3 * 3
+    assert len(results["samplers"]) == 3 * 3  # samplers x step counts, three regimes in each row
+    assert len(results["judges"]) == 3 and all(0 <= v["acc_filter"] <= 1 for v in results["judges"].values())
 
 
 def test_every_ablation_row_runs(tiny_run):

@@ -104,6 +104,7 @@ CASES = [
      "--refiner {t}/missing.pt: no such file"),
     (("analyze.py", "layout", "--n", "5"), "--n must be >= 20"),
     (("ablate.py", "--steps", "0"), "--steps, --pairs and --batch-size must be >= 1"),
+    (("ablate.py", "--seeds", "0", "0"), "--seeds must differ from each other"),
     (("bench.py", "--models", "resnet"), "--models/--teacher-models 'resnet' is not one of"),
     (("make_assignment.py", "--out", "{t}/a_file"), "exists and is not an empty folder"),
 ]

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import data
+import safety
 
 
 def test_shapes_is_deterministic_and_balanced():
@@ -49,7 +50,7 @@ def test_cifar10_archive(tmp_path):
 
 
 def test_cifar10_missing_archive_says_where_to_put_it(tmp_path):
-    with pytest.raises(data.DataError, match="cifar-10-python.tar.gz"):
+    with pytest.raises(data.BadInput, match="cifar-10-python.tar.gz"):
         data.load_dataset("cifar10", str(tmp_path))
 
 
@@ -61,7 +62,7 @@ def test_cifar10_pickle_that_runs_code_is_refused(tmp_path):
     folder.mkdir()
     for name in [f"data_batch_{i}" for i in range(1, 6)]:
         (folder / name).write_bytes(pickle.dumps(Evil()))
-    with pytest.raises(data.DataError, match="not a CIFAR-10 python batch"):
+    with pytest.raises(data.BadInput, match="not a CIFAR-10 python batch"):
         data.load_dataset("cifar10", str(tmp_path))
     assert not (tmp_path / "pwned").exists()
 
@@ -74,7 +75,7 @@ def test_imagenet64_npz(tmp_path):
     assert ds.images.shape == (5, 3, 64, 64) and ds.labels.tolist() == [0, 1, 2, 999, 4]
     assert torch.equal(ds.images[1, :, 0, 0], torch.from_numpy(x[1].reshape(3, 64, 64)[:, 0, 0]))
     np.savez(tmp_path / "train_data_batch_2.npz", images=x)
-    with pytest.raises(data.DataError, match="'data' and 'labels'"):
+    with pytest.raises(data.BadInput, match="'data' and 'labels'"):
         data.load_dataset("imagenet64", str(tmp_path))
 
 
@@ -94,7 +95,7 @@ def test_image_folder(tmp_path):
 def test_image_folder_with_one_class_is_a_clear_error(tmp_path):
     (tmp_path / "only").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "only" / "a.png")
-    with pytest.raises(data.DataError, match="at least 2 class"):
+    with pytest.raises(data.BadInput, match="at least 2 class"):
         data.load_dataset("folder", str(tmp_path), image_size=8)
 
 
@@ -111,7 +112,7 @@ def test_an_archive_with_a_member_that_leaves_the_folder_is_refused(tmp_path, ki
             evil.type = tarfile.SYMTYPE if kind == "symlink" else tarfile.LNKTYPE
             evil.linkname = "/etc/passwd"
         tar.addfile(evil, io.BytesIO(b""))
-    with pytest.raises(data.DataError, match="unsafe member"):
+    with pytest.raises(data.BadInput, match="unsafe member"):
         data.load_dataset("cifar10", str(tmp_path / "data"))
     assert sorted(os.listdir(tmp_path / "data")) == ["cifar-10-python.tar.gz"]  # nothing was written
     assert not os.path.exists(tmp_path / "evil")
@@ -121,9 +122,9 @@ def test_download_with_a_wrong_md5_deletes_the_partial_file(tmp_path):
     source = tmp_path / "served.tar.gz"
     write_cifar_archive(source)
     target = tmp_path / "data" / "cifar-10-python.tar.gz"
-    with pytest.raises(data.DataError, match="expected 0+; the partial file was deleted"):
-        data.fetch(source.as_uri(), str(target), "0" * 32)
+    with pytest.raises(data.BadInput, match="expected 0+; the partial file was deleted"):
+        safety.fetch(source.as_uri(), str(target), "0" * 32)
     assert os.listdir(tmp_path / "data") == []
     md5 = hashlib.md5(source.read_bytes()).hexdigest()
-    data.fetch(source.as_uri(), str(target), md5)  # the right MD5: kept, and readable
+    safety.fetch(source.as_uri(), str(target), md5)  # the right MD5: kept, and readable
     assert len(data.load_dataset("cifar10", str(tmp_path / "data"), split="test")) == 4

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+import teacher
 import train_teacher
 from test_pipeline import make_folder, tiny_teacher
 
@@ -40,7 +41,8 @@ def load(path):
 
 
 def same_tensors(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    """Two dicts hold the same tensors (and the same other values, such as a shard's filter fingerprint)."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
 
 
 def test_teacher_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path):
@@ -87,13 +89,13 @@ def test_pairs_and_refiner_killed_mid_run_resume_to_the_uninterrupted_result(tmp
 
 
 def test_a_nan_loss_stops_with_the_step_named_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    real, calls = train_teacher.training_loss, []
+    real, calls = teacher.training_loss, []
 
     def nan_at_step_3(*args, **kwargs):
         calls.append(1)
         loss = real(*args, **kwargs)
         return loss * float("nan") if len(calls) == 4 else loss
-    monkeypatch.setattr(train_teacher, "training_loss", nan_at_step_3)
+    monkeypatch.setattr(teacher, "training_loss", nan_at_step_3)
     out = tmp_path / "t"
     with pytest.raises(SystemExit) as e:
         train_teacher.main(["--steps", "10", "--batch-size", "8", "--save-every", "1", "--grid-every", "1000",

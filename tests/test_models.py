@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from checkpoint import build_model, model_config
+from models import build_model, model_config
 from conftest import tiny_model
 
 ARCHS = ["dit", "unet"]

@@ -11,9 +11,9 @@ import torch.nn as nn
 import analyze
 import bench
 import noises
+import pairs
 import sample
-import train_refiner
-import train_teacher
+import teacher
 from checkpoint import FORMAT, save_atomic
 from conftest import tiny_model
 
@@ -25,45 +25,41 @@ def keys(x):
     return {row.tobytes() for row in x.flatten(1)[:, :16].numpy()}
 
 
-def pair_args(seed, pairs=SHARDS * 1000):
-    return train_refiner.parse_args(["--seed", str(seed), "--pairs", str(pairs)])
-
-
 def pair_noises(seed, size=SIZE, num_classes=K, shards=SHARDS):
-    args = pair_args(seed, shards * train_refiner.SHARD)
-    return torch.cat([train_refiner.pair_inputs(i, args, num_classes, size)[0] for i in range(shards)])
+    settings = pairs.PairSettings(count=shards * pairs.SHARD, seed=seed)  # what `train_refiner.py --seed` draws
+    return torch.cat([pairs.pair_inputs(i, settings, num_classes, size)[0] for i in range(shards)])
 
 
 @pytest.fixture(scope="module")
-def pairs():
+def pair_keys():
     """The x_T of the default 10,000 pairs at seeds 0 and 1 (what `python train_refiner.py` draws)."""
     return keys(torch.cat([pair_noises(0), pair_noises(1)]))
 
 
 def test_pair_shards_never_repeat_a_noise_and_validation_is_not_training():
     x_T = pair_noises(0)
-    assert len(keys(x_T)) == len(x_T)  # no two shards (or two pairs) share a noise
-    args = pair_args(0)
+    assert len(keys(x_T)) == len(x_T)  # no two shards (or two pair_keys) share a noise
     n = len(x_T)
-    train, val = train_refiner.split_pairs({"x_T": x_T, "y": torch.arange(n) % K, "conf": torch.ones(n)}, args)
+    train, val = pairs.split_pairs({"x_T": x_T, "y": torch.arange(n) % K, "conf": torch.ones(n)}, pairs.FILTER,
+                                   pairs.VAL_FRAC, 32)
     assert len(val["y"]) > 0 and not keys(train["x_T"]) & keys(val["x_T"])
 
 
 @pytest.mark.parametrize("bank", noises.BANKS)
-def test_the_held_out_banks_are_not_training_noises(pairs, bank):
+def test_the_held_out_banks_are_not_training_noises(pair_keys, bank):
     for index in (0, 1):  # the bank and the analyses' second noises
         x_T, y = noises.bank(bank, 1000, K, (3, SIZE, SIZE), index)
-        assert not keys(x_T) & pairs
+        assert not keys(x_T) & pair_keys
     assert not keys(noises.bank("dev", 1000, K, (3, SIZE, SIZE))[0]) & \
         keys(noises.bank("test", 1000, K, (3, SIZE, SIZE))[0])  # tuning never sees the reported noises
 
 
-def test_analyze_draws_from_the_dev_bank_and_its_own_stream(pairs):
+def test_analyze_draws_from_the_dev_bank_and_its_own_stream(pair_keys):
     ctx = types.SimpleNamespace(n=1000, K=K, size=SIZE)
     assert torch.equal(analyze.bank(ctx)[0], noises.bank("dev", 1000, K, (3, SIZE, SIZE))[0])
-    assert not keys(analyze.bank(ctx)[0]) & pairs and not keys(analyze.bank(ctx, index=1)[0]) & pairs
+    assert not keys(analyze.bank(ctx)[0]) & pair_keys and not keys(analyze.bank(ctx, index=1)[0]) & pair_keys
     jacobian_noise = torch.randn(1000, 3, SIZE, SIZE, generator=noises.generator("analysis"))
-    assert not keys(jacobian_noise) & pairs
+    assert not keys(jacobian_noise) & pair_keys
 
 
 class Recorder(nn.Module):
@@ -82,18 +78,18 @@ class Recorder(nn.Module):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_the_teachers_grid_is_not_training_noise(pairs, seed, tmp_path):
+def test_the_teachers_grid_is_not_training_noise(pair_keys, seed, tmp_path):
     model = Recorder()
-    train_teacher.write_grid(model, [str(k) for k in range(K)], SIZE, 0.0, str(tmp_path / "g.png"), seed=seed)
+    teacher.write_grid(model, [str(k) for k in range(K)], SIZE, 0.0, str(tmp_path / "g.png"), seed=seed)
     assert model.seen.shape == (K * 8, 3, SIZE, SIZE)
-    assert not keys(model.seen) & pairs
+    assert not keys(model.seen) & pair_keys
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_bench_inputs_are_not_training_noise(pairs, seed):
+def test_bench_inputs_are_not_training_noise(pair_keys, seed):
     model = types.SimpleNamespace(config=types.SimpleNamespace(image_size=SIZE))
     x, _ = bench.inputs(model, 256, "cpu", seed)
-    assert not keys(x) & pairs
+    assert not keys(x) & pair_keys
 
 
 def test_sample_py_draws_no_training_noise(tmp_path):

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 import evaluate
+import pairs
 import sample
 import train_refiner
 import train_teacher
@@ -99,20 +100,20 @@ class DoubtfulEvaluator(SureEvaluator):
 
 
 def test_pair_shards_resume_identically(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_refiner, "SHARD", 10)
+    monkeypatch.setattr(pairs, "SHARD", 10)
     teacher = tiny_model("unet")
-    args = train_refiner.parse_args(["--pairs", "30", "--guide-steps", "3"])
+    args = pairs.PairSettings(count=30, guide_steps=3)
     folder = str(tmp_path / "pairs")
-    first = train_refiner.load_pairs(teacher, SureEvaluator(), args, folder, 4, 8)
+    first = pairs.load_pairs(teacher, SureEvaluator(), args, folder, 4, 8)
     assert sorted(os.listdir(folder)) == ["shard_00000.pt", "shard_00001.pt", "shard_00002.pt"]
     # an interrupted run: shard 1 never finished, only its temporary file is left
     os.remove(os.path.join(folder, "shard_00001.pt"))
     open(os.path.join(folder, "shard_00001.pt.tmp"), "wb").write(b"half a shard")
-    again = train_refiner.load_pairs(teacher, SureEvaluator(), args, folder, 4, 8)
+    again = pairs.load_pairs(teacher, SureEvaluator(), args, folder, 4, 8)
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert first["x0_guide"].dtype == torch.uint8 and len(first["y"]) == 30
     # another filter: the cached confidences are stale, so they are recomputed (the pairs themselves stay)
-    doubted = train_refiner.load_pairs(teacher, DoubtfulEvaluator(), args, folder, 4, 8)
+    doubted = pairs.load_pairs(teacher, DoubtfulEvaluator(), args, folder, 4, 8)
     assert torch.equal(doubted["conf"], torch.full((30,), 0.25))
     assert all(torch.equal(first[k], doubted[k]) for k in first if k != "conf")
     assert torch.load(os.path.join(folder, "shard_00000.pt"), weights_only=True)["filter"] == "doubtful"

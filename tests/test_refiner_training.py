@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import data
-import train_refiner
+import noiserefine
 from conftest import tiny_model
-from noiserefine import Refiner
+from noiserefine import Refiner, Training
 
 
 def fake_pairs(n, num_classes=4, size=8, seed=0):
@@ -18,9 +18,7 @@ def fake_pairs(n, num_classes=4, size=8, seed=0):
             "x0_guide": data.to_uint8(torch.rand(n, 3, size, size, generator=g) * 2 - 1)}
 
 
-def train_args(out, *extra):
-    return train_refiner.parse_args(["--steps", "12", "--val-every", "2", "--batch-size", "4", "--msd-steps", "2",
-                                     "--lr", "1e-2", "--out", str(out), *extra])
+SHORT = Training(steps=12, val_every=2, batch_size=4, msd_steps=2, lr=1e-2)
 
 
 def test_the_best_snapshot_does_not_move_when_the_model_trains():
@@ -38,22 +36,22 @@ def test_the_best_snapshot_does_not_move_when_the_model_trains():
 
 def test_resume_equals_a_straight_run_when_the_best_validation_step_is_an_early_one(tmp_path, monkeypatch):
     # validation "loss": how far the fresh head has moved from zero, so the first validation is the best
-    monkeypatch.setattr(train_refiner, "validation_loss",
+    monkeypatch.setattr(noiserefine, "validation_loss",
                         lambda refiner, *a: float(refiner.net.output_layer().weight.detach().norm()))
     teacher = tiny_model("unet")
     train, val = fake_pairs(64), fake_pairs(8, seed=1)
 
-    def run(out, *extra):
-        torch.manual_seed(0)
-        refiner = train_refiner.train(Refiner(teacher, 0), teacher, train, val, train_args(out, *extra), "cpu", "fp")
+    def run(out, **kwargs):
+        refiner = noiserefine.fit(Refiner(teacher, 0), teacher, train, val, SHORT, "cpu", str(out / "ckpt.pt"),
+                                  {"teacher_fingerprint": "fp"}, **kwargs)
         return refiner.trainable_state(), torch.load(out / "ckpt.pt", weights_only=True)
 
     straight, ckpt = run(tmp_path / "straight")
     assert ckpt["step"] == 12
     assert not all(torch.equal(ckpt["best"][k], ckpt["state"][k]) for k in ckpt["best"])  # best was early
     assert all(torch.equal(straight[k], ckpt["best"][k]) for k in straight)  # the chosen model is returned
-    run(tmp_path / "split", "--stop-at", "6")
-    resumed, ckpt2 = run(tmp_path / "split", "--resume")
+    run(tmp_path / "split", stop_at=6)
+    resumed, ckpt2 = run(tmp_path / "split", resume=True)
     assert ckpt2["step"] == 12 and ckpt2["best_val"] == ckpt["best_val"]
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
     assert all(torch.equal(ckpt2["state"][k], ckpt["state"][k]) for k in ckpt["state"])
@@ -67,9 +65,8 @@ def test_the_refiner_trains_in_train_mode_and_is_validated_in_eval_mode(tmp_path
     modes = []
     refiner.net.register_forward_hook(lambda module, args, out: modes.append(module.training))
     train, val = fake_pairs(64), fake_pairs(8, seed=1)
-    args = train_refiner.parse_args(["--steps", "2", "--val-every", "1", "--batch-size", "4", "--msd-steps", "1",
-                                     "--out", str(tmp_path)])
-    returned = train_refiner.train(refiner, teacher, train, val, args, "cpu", "fp")
+    t = Training(steps=2, val_every=1, batch_size=4, msd_steps=1)
+    returned = noiserefine.fit(refiner, teacher, train, val, t, "cpu", str(tmp_path / "ckpt.pt"), {"teacher_fingerprint": "fp"})
     # step 0 validation, then per step: one training forward and one validation forward
     assert modes == [False, True, False, True, False]
     assert not returned.training

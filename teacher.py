@@ -1,0 +1,184 @@
+"""Training a class-conditional teacher eps_theta(x_t, t, c) with condition dropout, so that CFG works.
+
+The loop behind train_teacher.py (and behind train_refiner.py when the default teacher is missing):
+warm-up and cosine learning rate, EMA weights for sampling, a checkpoint and a sample grid every so often,
+exact resume, and DDP under torchrun (every process draws the same global batch and computes its share).
+"""
+import copy
+import dataclasses
+import math
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+import data
+import distributed
+import noises
+from checkpoint import FORMAT, load_checkpoint, load_teacher, save_atomic
+from cli import STEPS, make_out_dir, seed_everything
+from diffusion import sample, training_loss
+from models import build_model, model_config
+from pairs import DISPLAY_W
+from safety import BadInput
+
+
+@dataclasses.dataclass
+class TeacherSettings:
+    """The teacher's training settings (train_teacher.py's flags default to these: the CPU default)."""
+    dataset: str = "shapes"
+    data_dir: str = "data"
+    download: bool = False
+    model: str = "unet-tiny"
+    image_size: int = None  # None: the preset's size
+    batch_size: int = 128   # the global batch (split over torchrun's processes)
+    lr: float = 2e-3
+    warmup: int = 200
+    steps: int = 2500
+    cond_drop: float = 0.1  # probability of the null label, so one network also gives eps_u
+    ema: float = 0.999
+    grid_every: int = 1000
+    grid_w: float = DISPLAY_W
+    save_every: int = 500
+    seed: int = 0
+
+
+def lr_at(step, s):
+    """Linear warm-up, then cosine decay to 10% of the peak: short CPU runs end on small steps."""
+    if step < s.warmup:
+        return s.lr * (step + 1) / s.warmup
+    progress = (step - s.warmup) / max(1, s.steps - s.warmup)
+    return s.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+
+
+@torch.no_grad()
+def write_grid(ema, classes, image_size, w, path, per_side=8, seed=0):
+    """One row per class (at most 10): per_side unguided samples, then per_side CFG samples."""
+    K = min(len(classes), 10)
+    device = next(ema.parameters()).device
+    gen = noises.generator("grid", seed)  # its own stream: no picture shows a training pair's x_T
+    x_T = torch.randn(K * per_side, 3, image_size, image_size, generator=gen).to(device)
+    y = torch.arange(K).repeat_interleave(per_side).to(device)
+    unguided = sample(ema, x_T, y, STEPS, 0.0).view(K, per_side, 3, image_size, image_size)
+    guided = sample(ema, x_T, y, STEPS, w).view(K, per_side, 3, image_size, image_size)
+    data.save_grid(torch.cat([unguided, guided], 1).flatten(0, 1).cpu(), 2 * per_side, path)
+
+
+def setup(s, out, resume, device):
+    """Fresh or resumed (model, ema, optimiser, generator, step, losses, config, data meta, training set).
+    A resumed run takes its data set, folder and image size from the checkpoint."""
+    path = os.path.join(out, "ckpt.pt")
+    ckpt, meta = None, None
+    if resume:
+        if not os.path.isfile(path):
+            raise BadInput(f"--resume: no checkpoint at {path} (--out {out})")
+        ckpt = load_checkpoint(path, "teacher", flag="--resume")
+        config, meta = ckpt["config"], ckpt["data"]
+        s = dataclasses.replace(s, dataset=meta["dataset"], data_dir=meta["data_dir"], image_size=meta["image_size"])
+    train = data.load_dataset(s.dataset, s.data_dir, s.image_size, "train", s.download)
+    if meta is None:
+        try:
+            config = model_config(s.model, len(train.classes), train.images.shape[-1])
+            build_model(config)
+        except ValueError as e:
+            raise BadInput(str(e)) from None
+        meta = {"dataset": s.dataset, "data_dir": s.data_dir, "image_size": train.images.shape[-1],
+                "classes": train.classes}
+    if s.batch_size > len(train):
+        raise BadInput(f"--batch-size {s.batch_size} is larger than the data set ({len(train)} images)")
+    model = build_model(config).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    # fused AdamW: one kernel for all parameters on CUDA (CPU keeps the default, bit-identical to before)
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=0.0, fused=device.startswith("cuda") or None)
+    gen = torch.Generator().manual_seed(s.seed)
+    step, losses = 0, []
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        gen.set_state(ckpt["rng"]["gen"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        step, losses = ckpt["step"], ckpt.get("losses", [])
+    return model, ema, opt, gen, step, losses, config, meta, train
+
+
+def fit(s, out, device, resume=False, stop_at=None, compile=False, rank=0, world=1, flags=None):
+    """Train (or resume) the teacher of settings s into out/ckpt.pt, with a sample grid every s.grid_every
+    steps. rank, world: this process under torchrun. flags: what the checkpoint records as the run's args."""
+    if s.batch_size % world:
+        raise BadInput(f"--batch-size {s.batch_size} must be divisible by the {world} processes")
+    log = print if rank == 0 else (lambda *a, **k: None)
+    seed_everything(s.seed)  # the same on every rank: same initial weights, same batches
+    model, ema, opt, gen, step, losses, config, meta, train = setup(s, out, resume, device)
+    log(f"model {config['arch']} with {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
+        f"{len(train)} training images of {meta['image_size']}px, {len(meta['classes'])} classes"
+        + (f"; {world} processes, {s.batch_size // world} images each per step" if world > 1 else ""))
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model  # averages gradients
+    net = torch.compile(net) if compile else net
+    mine = slice(rank * s.batch_size // world, (rank + 1) * s.batch_size // world)  # this rank's rows
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))  # bf16 on GPUs
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # what autocast leaves in fp32
+    null_class = len(meta["classes"])
+    last = min(s.steps, stop_at or s.steps)
+
+    def save():
+        if rank > 0:
+            return
+        save_atomic({"kind": "teacher", "format": FORMAT, "config": config, "data": meta,
+                     "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                     "step": step, "losses": losses, "args": flags or dataclasses.asdict(s),
+                     "rng": {"gen": gen.get_state(), "torch": torch.get_rng_state()}},
+                    os.path.join(out, "ckpt.pt"))
+
+    bar = tqdm(range(step, last), initial=step, total=s.steps, desc="teacher", disable=rank > 0)
+    start, first = time.perf_counter(), step
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, s)
+        x0, y = train.batch(torch.randint(len(train), (s.batch_size,), generator=gen))  # the global batch
+        with amp:
+            loss = training_loss(net, x0.to(device), y.to(device), null_class, s.cond_drop, gen, mine)
+        global_loss = distributed.mean_over_ranks(loss).item()  # the global batch's loss; every rank agrees
+        if not math.isfinite(global_loss):
+            raise BadInput(f"loss is {global_loss} at step {step}; the last good checkpoint is kept in {out}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        update_ema(ema, model, min(s.ema, (1 + step) / (10 + step)))
+        losses.append(global_loss)
+        step += 1
+        img_per_s = (step - first) * s.batch_size / (time.perf_counter() - start)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", img_s=f"{img_per_s:.0f}")
+        if step % s.save_every == 0 or step == last:
+            save()
+        if rank == 0 and (step % s.grid_every == 0 or step == s.steps):
+            write_grid(ema.eval(), meta["classes"], meta["image_size"], s.grid_w,
+                       os.path.join(out, f"samples_{step:06d}.png"), seed=s.seed)
+    log(f"done: step {step}, checkpoint {os.path.join(out, 'ckpt.pt')}, {time.perf_counter() - start:.0f} s")
+    distributed.barrier()  # no rank leaves before rank 0 has written the checkpoint
+
+
+DEFAULT_TEACHER = "runs/teacher/ckpt.pt"
+
+
+def get_or_train(path, seed, device):
+    """(teacher, checkpoint, path): the teacher at `path`; with path None, the default teacher, trained with
+    TeacherSettings' defaults (or finished, if a run was interrupted) first."""
+    if path is None:
+        path = DEFAULT_TEACHER
+        done = os.path.isfile(path) and load_checkpoint(path, "teacher")["step"] >= TeacherSettings().steps
+        if not done:
+            print(f"no finished teacher at {path}: training the default teacher first")
+            out = os.path.dirname(path)
+            make_out_dir(out)
+            fit(TeacherSettings(seed=seed), out, device, resume=os.path.isfile(path))
+    model, ckpt = load_teacher(path, device)
+    return model, ckpt, path
