@@ -41,8 +41,8 @@ import noises
 import pairs
 import teacher as teachers
 from checkpoint import fingerprint, save_atomic, save_json
-from cli import STEPS, HelpFormatter, die, entry_point, print_table, resolve_device, seed_everything
-from diffusion import T, guided_eps, q_sample
+from cli import HelpFormatter, die, entry_point, print_table, resolve_device, seed_everything
+from diffusion import STEPS, T, guided_eps, q_sample
 from evaluate import INTERVALS, Measured, judge_line, load_filter, load_judge, print_difference, run_regime, seeds_interval
 from models import build_model
 from noiserefine import Refiner, Training, add_lora, cosine_lr, fit, load_refiner, lora_layers, prod_a
@@ -77,14 +77,6 @@ class GaussianPrior(nn.Module):
 
     def merge(self):
         return self
-
-
-def make_refiner(row, teacher, config, size, num_classes, rank):
-    if row == "scratch":
-        return Refiner(build_model(config), 0)  # same architecture, random weights, all trained
-    if row == "gaussian_prior":
-        return GaussianPrior(num_classes, size)
-    return Refiner(teacher, rank)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,7 +119,8 @@ def train_distilled(teacher, train_pairs, t, device):
 
 # The paper's claims, each a (row, baseline) difference printed with its interval and verdict.
 COMPARISONS = [("noiserefine", "cfg"), ("n5", "noiserefine"), ("nofilter", "noiserefine"),
-               ("noiserefine", "scratch"), ("lora", "scratch"), ("noiserefine", "gaussian_prior"),
+               ("noiserefine", "scratch"), ("lora", "scratch"), ("lora", "noiserefine"),
+               ("noiserefine", "gaussian_prior"),
                ("distill", "cfg"), ("noiserefine", "distill"), ("eps_scaled", "noiserefine"),
                ("refined_cfg", "noiserefine")]
 
@@ -204,11 +197,15 @@ def run_row(row, seed, ctx, args):
     return metrics, measured, seconds
 
 
+CACHE_VERSION = 2  # bump when a row's training or scoring changes in a way its settings do not show
+
+
 def settings(row, seed, args, ctx):
     """Everything a cached row depends on: a change to any of them reruns the row."""
-    return {"row": row, "seed": seed, "steps": args.steps, "pairs": args.pairs, "batch_size": args.batch_size,
-            "filter": args.filter, **ctx["fingerprints"], "bank": args.bank, "eval_n": args.eval_n,
-            "small_w": args.small_w, "change": TRAINED.get(row)}
+    training = dataclasses.asdict(row_training(row, args, seed)) if row in TRAINED else None
+    return {"version": CACHE_VERSION, "row": row, "seed": seed, "pairs": args.pairs, "filter": args.filter,
+            **ctx["fingerprints"], "bank": args.bank, "eval_n": args.eval_n, "small_w": args.small_w,
+            "change": TRAINED.get(row), "training": training}
 
 
 def get_row(row, seed, ctx, args):
@@ -222,7 +219,8 @@ def get_row(row, seed, ctx, args):
             return saved["row"], Measured(**m), saved["train_seconds"]
     metrics, measured, seconds = run_row(row, seed, ctx, args)
     os.makedirs(folder, exist_ok=True)
-    save_atomic(dataclasses.asdict(measured), os.path.join(folder, "measured.pt"))
+    save_atomic({"feats": measured.feats, "probs": measured.probs, "labels": measured.labels},
+                os.path.join(folder, "measured.pt"))  # not the bootstrap cache: it depends on the resample count
     save_json({"settings": settings(row, seed, args, ctx), "row": metrics, "train_seconds": seconds}, path)
     return metrics, measured, seconds
 

@@ -30,8 +30,8 @@ import torch
 import data
 import noises
 from checkpoint import load_teacher
-from cli import STEPS, HelpFormatter, die, entry_point, print_table, resolve_device, seed_everything
-from diffusion import (ddim_coeffs, ddim_timesteps, q_sample, sample, sample_many, SAMPLERS,
+from cli import HelpFormatter, die, entry_point, print_table, resolve_device, seed_everything
+from diffusion import (STEPS, ddim_coeffs, ddim_timesteps, q_sample, sample, sample_many, SAMPLERS,
                        timestep_batch)
 from evaluate import FILTER, Judge, judge_line, load_judge, load_or_train
 from noiserefine import Training, full_loss, load_refiner, msd_loss

@@ -411,9 +411,6 @@ def main(argv=None):
         spec = json.loads(args.child)
         print(json.dumps(memory_of(spec["part"], spec["kwargs"], device)))
         return
-    if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (TF32)
-        torch.backends.cudnn.allow_tf32 = True
     head = header(device)
     mem_note = ("torch.cuda.max_memory_allocated minus allocated before the call" if device.startswith("cuda")
                 else "peak RSS minus RSS before the call, each row in its own subprocess")

@@ -11,8 +11,6 @@ import torch
 
 from safety import BadInput, lock_folder
 
-STEPS = 20  # DDIM steps of every table and picture: the paper's N' (the guided targets use it too)
-
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help keeps the docstring's lines (its usage examples) and shows every flag's default."""
@@ -45,10 +43,14 @@ def make_out_dir(path):
 
 
 def resolve_device(name):
+    """--device as torch names it. On CUDA, every script lets fp32 matmuls use TF32 (what bf16 autocast
+    leaves in fp32), so a number does not depend on which script, or which step of one, ran first."""
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        die(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            die(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return name
 
 

@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 T = 1000  # training timesteps; the refiner's input timestep is T - 1 = 999
+STEPS = 20  # sampling steps of the guided targets (the paper's N') and of every table and picture
 
 # ----------------------------------------------------------------------------------------------
 # Schedule (DDPM, linear betas)

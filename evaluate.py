@@ -32,8 +32,8 @@ from tqdm import tqdm
 import data
 import noises
 from checkpoint import FORMAT, fingerprint, load_checkpoint, load_teacher, save_atomic, save_json
-from cli import STEPS, HelpFormatter, die, entry_point, print_table as print_cells, resolve_device
-from diffusion import sample_many
+from cli import HelpFormatter, die, entry_point, print_table, resolve_device
+from diffusion import STEPS, sample_many
 
 CLASSIFIER_STEPS = 600  # enough for >= 99% held-out accuracy on the embedded set (about 30 s on 2 cores)
 MIRROR_SAFE = ("shapes", "cifar10", "imagenet64")  # sets whose classes survive a left-right flip
@@ -409,7 +409,7 @@ def judge_line(judge, filter=None):
     return line
 
 
-def print_table(rows, title=None):
+def print_regimes(rows, title=None):
     """The regime table: every score with its 95% interval where it has one."""
     if title:
         print(title)
@@ -420,7 +420,7 @@ def print_table(rows, title=None):
                       f"{r['fd_cls']:.2f} [{fd[0]:.2f}, {fd[1]:.2f}]", f"{r['is_cls']:.2f}", f"{r['precision']:.3f}",
                       f"{r['recall']:.3f}", f"{r['diversity']:.3f}", f"{r['nfe_per_image']:.1f}",
                       f"{1000 * r['sec_per_image']:.2f}"])
-    print_cells(["regime", "w", "steps", "class_acc [95% CI]", "FD_cls [95% CI]", "IS_cls", "precision", "recall",
+    print_table(["regime", "w", "steps", "class_acc [95% CI]", "FD_cls [95% CI]", "IS_cls", "precision", "recall",
                  "diversity", "NFE/img", "ms/img"], cells)
 
 
@@ -455,7 +455,7 @@ def main(argv=None):
     rows = [run_regime(teacher, judge, x_T, y, "unguided", 0.0, args.steps, batch_size=args.batch_size)[0]]
     rows += [run_regime(teacher, judge, x_T, y, "cfg", w, args.steps, batch_size=args.batch_size)[0]
              for w in args.w]
-    print_table(rows, f"{args.teacher}: {args.n} held-out noises ({args.bank} bank), {args.steps} DDIM steps\n"
+    print_regimes(rows, f"{args.teacher}: {args.n} held-out noises ({args.bank} bank), {args.steps} DDIM steps\n"
                       f"{judge_line(judge)}")
     if args.json:
         save_json({"regimes": rows, "judge": judge.info(), "filter": None, "bank": args.bank,

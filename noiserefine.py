@@ -222,8 +222,9 @@ def validation_loss(refiner, teacher, val, msd_steps, device):
 
 @torch.no_grad()
 def eps_bound_share(opt):
-    """Share of the trained weights whose Adam denominator is mostly eps: sqrt(v_hat) < 10 eps. Where it is
-    not small, the loss scale changes the steps (a loss k times smaller moves those weights less)."""
+    """Share of the trained weights with sqrt(v_hat) < 10 eps, where eps is at least a tenth of Adam's
+    denominator. Where this share is not small, the loss scale changes the steps (a loss k times smaller
+    moves those weights less)."""
     bound = total = 0
     for group in opt.param_groups:
         for p in group["params"]:
@@ -242,29 +243,31 @@ def fit(refiner, teacher, train_pairs, val, t, device, ckpt_path, meta, resume=F
     do not move it. resume continues from ckpt_path; stop_at stops there as if interrupted (tests)."""
     params = [p for p in refiner.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=0.0, eps=t.adam_eps)
-    gen = torch.Generator().manual_seed(t.seed)
-    step, best, best_state = 0, float("inf"), refiner.trainable_state()
+    gen = torch.Generator().manual_seed(t.seed)  # the batches
+    torch.manual_seed(t.seed)  # dropout, where a preset has it, draws from the global generator
+    scale = prod_a(t.msd_steps) ** 2
     if resume:
         ckpt = load_refiner_ckpt(ckpt_path, meta["teacher_fingerprint"], "--resume")
         refiner.load_state_dict(ckpt["state"], strict=False)
         opt.load_state_dict(ckpt["opt"])
         gen.set_state(ckpt["gen"])
+        torch.set_rng_state(ckpt["rng"])
         step, best, best_state = ckpt["step"], ckpt["best_val"], ckpt["best"]
+    else:  # the identity refiner is the first candidate for the best validation loss
+        step, best, best_state = 0, validation_loss(refiner, teacher, val, t.msd_steps, device), refiner.trainable_state()
+        tqdm.write(f"step 0 (identity refiner): validation L_MSD/prod(a)^2 {best / scale:.4e}")
 
     def save():
         save_atomic({"kind": "refiner", "format": FORMAT, **meta, "rank": refiner.rank, "alpha": refiner.alpha,
                      "state": refiner.trainable_state(), "best": best_state, "best_val": best,
-                     "opt": opt.state_dict(), "gen": gen.get_state(), "step": step}, ckpt_path)
+                     "opt": opt.state_dict(), "gen": gen.get_state(), "rng": torch.get_rng_state(), "step": step},
+                    ckpt_path)
 
     # To first order x_hat_0 moves by prod(a_t) ~ 157 times a move of x_hat_T, so L_MSD / prod(a_t)^2 is
     # the squared size of the noise-space correction x_hat_T still lacks (~1e-6: the correction is small).
     # That is the number we print. We backpropagate L_MSD itself: Adam's steps ignore the loss scale only
     # while its eps is small next to sqrt(v), and with the loss divided by prod(a_t)^2 ~ 2.5e4 it was not
     # (see the "eps-bound" share the validation line prints, and ablate.py's row eps_scaled).
-    scale = prod_a(t.msd_steps) ** 2
-    if step == 0:
-        tqdm.write(f"step 0 (identity refiner): validation L_MSD/prod(a)^2 "
-                   f"{validation_loss(refiner, teacher, val, t.msd_steps, device) / scale:.4e}")
     last = min(t.steps, stop_at or t.steps)
     bar = tqdm(range(step, last), initial=step, total=t.steps, desc="refiner (MSD)")
     for step in bar:

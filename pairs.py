@@ -22,12 +22,13 @@ import data
 import distributed
 import noises
 from checkpoint import save_atomic
-from diffusion import sample_many
+from diffusion import STEPS, sample_many
 from safety import BadInput
 
 W_RANGE = (2.0, 4.0)  # CFG scales of the pairs
 DISPLAY_W = (W_RANGE[0] + W_RANGE[1]) / 2  # the CFG scale every table and picture compares refined noise with
 SHARD = 1000  # pairs per shard (fewer when there are fewer pairs)
+CACHE_VERSION = 2  # bump when a shard's content changes for the same settings (2: x_T from noises.py's stream)
 FILTER = 0.9  # the filter's minimum confidence in a kept pair (train_refiner --filter)
 VAL_FRAC = 0.05  # share of the kept pairs held out for validation
 
@@ -36,7 +37,7 @@ VAL_FRAC = 0.05  # share of the kept pairs held out for validation
 class PairSettings:
     """Everything that decides the pairs' content (and so the cache folder's name)."""
     count: int = 10000        # pairs before filtering
-    guide_steps: int = 20     # N': guided DDIM steps that make x0_guide
+    guide_steps: int = STEPS  # N': guided DDIM steps that make x0_guide
     w_range: tuple = W_RANGE  # CFG scale drawn per pair (low == high: one scale)
     pag: float = 0.0          # PAG scale added to the guidance
     seed: int = 0
@@ -48,7 +49,7 @@ def shard_size(s):
 
 def cache_dir(s, teacher_path, teacher_fp):
     """A folder next to the teacher, keyed by everything that decides a shard's content."""
-    key = json.dumps([teacher_fp, s.guide_steps, list(s.w_range), s.pag, s.seed, shard_size(s)])
+    key = json.dumps([CACHE_VERSION, teacher_fp, s.guide_steps, list(s.w_range), s.pag, s.seed, shard_size(s)])
     return os.path.join(os.path.dirname(teacher_path), "pairs-" + hashlib.sha256(key.encode()).hexdigest()[:10])
 
 

@@ -13,8 +13,8 @@ import torch
 import data
 import noises
 from checkpoint import load_teacher
-from cli import STEPS, HelpFormatter, die, entry_point, resolve_device, seed_everything
-from diffusion import SAMPLERS, sample_many
+from cli import HelpFormatter, die, entry_point, resolve_device, seed_everything
+from diffusion import SAMPLERS, STEPS, sample_many
 from noiserefine import load_refiner
 from safety import write_atomic
 

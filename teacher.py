@@ -17,11 +17,14 @@ import data
 import distributed
 import noises
 from checkpoint import FORMAT, load_checkpoint, load_teacher, save_atomic
-from cli import STEPS, make_out_dir, seed_everything
-from diffusion import sample, training_loss
+from cli import make_out_dir, seed_everything
+from diffusion import STEPS, sample, training_loss
 from models import build_model, model_config
 from pairs import DISPLAY_W
 from safety import BadInput
+
+
+DEFAULT_TEACHER = "runs/teacher/ckpt.pt"
 
 
 @dataclasses.dataclass
@@ -124,7 +127,6 @@ def fit(s, out, device, resume=False, stop_at=None, compile=False, rank=0, world
     net = torch.compile(net) if compile else net
     mine = slice(rank * s.batch_size // world, (rank + 1) * s.batch_size // world)  # this rank's rows
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))  # bf16 on GPUs
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # what autocast leaves in fp32
     null_class = len(meta["classes"])
     last = min(s.steps, stop_at or s.steps)
 
@@ -166,19 +168,19 @@ def fit(s, out, device, resume=False, stop_at=None, compile=False, rank=0, world
     distributed.barrier()  # no rank leaves before rank 0 has written the checkpoint
 
 
-DEFAULT_TEACHER = "runs/teacher/ckpt.pt"
-
-
-def get_or_train(path, seed, device):
+def get_or_train(path, seed, device, rank=0, world=1):
     """(teacher, checkpoint, path): the teacher at `path`; with path None, the default teacher, trained with
-    TeacherSettings' defaults (or finished, if a run was interrupted) first."""
+    TeacherSettings' defaults (or finished, if a run was interrupted) first, by every torchrun process."""
     if path is None:
         path = DEFAULT_TEACHER
         done = os.path.isfile(path) and load_checkpoint(path, "teacher")["step"] >= TeacherSettings().steps
+        distributed.barrier()  # every rank has read `done` before rank 0 writes
         if not done:
-            print(f"no finished teacher at {path}: training the default teacher first")
             out = os.path.dirname(path)
-            make_out_dir(out)
-            fit(TeacherSettings(seed=seed), out, device, resume=os.path.isfile(path))
+            if rank == 0:
+                print(f"no finished teacher at {path}: training the default teacher first")
+                make_out_dir(out)
+            distributed.barrier()
+            fit(TeacherSettings(seed=seed), out, device, resume=os.path.isfile(path), rank=rank, world=world)
     model, ckpt = load_teacher(path, device)
     return model, ckpt, path

@@ -26,9 +26,10 @@ import noises
 import pairs
 import teacher as teachers
 from checkpoint import fingerprint, save_json
-from cli import STEPS, HelpFormatter, die, entry_point, make_out_dir, resolve_device, seed_everything
+from cli import HelpFormatter, die, entry_point, make_out_dir, resolve_device, seed_everything
 from data import save_grid
-from evaluate import judge_line, load_filter, load_judge, print_difference, print_table, run_regime
+from diffusion import STEPS
+from evaluate import judge_line, load_filter, load_judge, print_difference, print_regimes, run_regime
 from noiserefine import Refiner, Training, fit, lora_layers
 
 
@@ -126,7 +127,7 @@ def main(argv=None):
     if args.resume and not os.path.isfile(ckpt_path):  # say so before the slow parts
         die(f"--resume: no checkpoint at {ckpt_path} (--out {args.out})")
     start = time.perf_counter()
-    teacher, tckpt, teacher_path = teachers.get_or_train(args.teacher, args.seed, device)
+    teacher, tckpt, teacher_path = teachers.get_or_train(args.teacher, args.seed, device, rank, world)
     args.teacher = teacher_path
     teacher_fp = fingerprint(teacher)
     ds = tckpt["data"]
@@ -136,7 +137,8 @@ def main(argv=None):
     judge = load_judge(ds["dataset"], ds["data_dir"], size, device) if rank == 0 else None
     settings = pair_settings(args)
     folder = args.pairs_dir or pairs.cache_dir(settings, teacher_path, teacher_fp)
-    print(f"guided pairs: {folder}")
+    if rank == 0:
+        print(f"guided pairs: {folder}")
     pairs.make_pairs(teacher, pair_filter, settings, folder, K, size, rank, world)
     distributed.finish()  # the rest runs in one process
     if rank > 0:
@@ -157,7 +159,7 @@ def main(argv=None):
         return
 
     rows, differences, images, y = evaluate_regimes(teacher, refiner, judge, args, K, size)
-    print_table(rows, f"{args.eval_n} held-out noises ({args.bank} bank), {args.eval_steps} DDIM steps; 95% "
+    print_regimes(rows, f"{args.eval_n} held-out noises ({args.bank} bank), {args.eval_steps} DDIM steps; 95% "
                       f"bootstrap intervals over the noises\n{judge_line(judge, pair_filter)}")
     for name, diff in differences.items():
         print_difference(*name.split(" - "), diff)

@@ -15,13 +15,14 @@ def _seed_and_threads():
     torch.set_num_threads(2)
 
 
-def tiny_model(arch, num_classes=4, image_size=8, seed=0):
-    """A very small teacher of either architecture, with random (non-zero) output weights."""
+def tiny_model(arch, num_classes=4, image_size=8, seed=0, dropout=0.0):
+    """A very small teacher of either architecture, with random (non-zero) output weights (the UNet with
+    dropout, if asked)."""
     torch.manual_seed(seed)
     if arch == "dit":
         cfg = dict(model_config("dit-tiny", num_classes, image_size), patch=2, hidden=32, depth=2, heads=2)
     else:
-        cfg = dict(model_config("unet-tiny", num_classes, image_size), ch=8, mult=(1, 2), groups=4)
+        cfg = dict(model_config("unet-tiny", num_classes, image_size), ch=8, mult=(1, 2), groups=4, dropout=dropout)
     model = build_model(cfg)
     with torch.no_grad():  # zero-initialised outputs would make every test about eps = 0
         layer = model.output_layer()

@@ -113,3 +113,11 @@ def test_streams_are_named_and_reproducible():
     assert not torch.equal(a, torch.randn(5, generator=noises.generator("sample", 3, 2)))
     with pytest.raises(ValueError):
         noises.generator("typo")
+
+
+def test_a_pair_cache_of_another_stream_version_is_not_reused(monkeypatch):
+    """Caches made before x_T came from the 'pairs' stream hold other noises: a new key, not a silent reuse."""
+    s = pairs.PairSettings()
+    now = pairs.cache_dir(s, "runs/teacher/ckpt.pt", "fp")
+    monkeypatch.setattr(pairs, "CACHE_VERSION", pairs.CACHE_VERSION - 1)
+    assert pairs.cache_dir(s, "runs/teacher/ckpt.pt", "fp") != now
