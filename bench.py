@@ -133,7 +133,7 @@ def spread(values):
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def interleaved_seconds(fns, device, repeats):
+def interleaved_seconds(fns, device, repeats, label=""):
     """{name: [seconds of each round]}: a warm-up call of each, then `repeats` rounds timing each fn in
     turn, so that a slow spell of the machine hits every configuration alike instead of one of them."""
     for fn in fns.values():
@@ -150,7 +150,7 @@ def interleaved_seconds(fns, device, repeats):
             times[name].append(time.perf_counter() - start)
     for name, t in times.items():
         if max(t) > SPREAD_WARN * min(t):
-            print(f"warning: {name}: rounds took {min(t):.3g}-{max(t):.3g} s (more than {SPREAD_WARN}x apart); "
+            print(f"warning: {label}{name}: rounds took {min(t):.3g}-{max(t):.3g} s (more than {SPREAD_WARN}x apart); "
                   "the machine was busy, read this row's spread", file=sys.stderr)
     return times
 
@@ -203,7 +203,7 @@ def bench_sampling(model, steps, batch, device, repeats, seed=0):
         run()
         nfe[regime] = counter.images / batch
         counter.remove()
-    seconds = interleaved_seconds({r: run for r, (run, _) in runs.items()}, device, repeats)
+    seconds = interleaved_seconds({r: run for r, (run, _) in runs.items()}, device, repeats, f"{model} {steps} steps ")
     rows = [{"model": model, "steps": steps, "regime": r, "batch": batch,
              "img_per_s": batch / statistics.median(seconds[r]),
              "img_per_s_range": [batch / max(seconds[r]), batch / min(seconds[r])],
@@ -243,7 +243,7 @@ def msd_steps_fns(model, N, batch, device, seed=0, losses=("msd", "full")):
 def bench_msd(model, N, batch, device, repeats, seed=0):
     rows = {loss: {"model": model, "N": N, "loss": loss, "batch": batch} for loss in ("msd", "full")}
     try:
-        seconds = interleaved_seconds(msd_steps_fns(model, N, batch, device, seed), device, repeats)
+        seconds = interleaved_seconds(msd_steps_fns(model, N, batch, device, seed), device, repeats, f"{model} N={N} ")
         rows["full"]["full_over_msd"] = spread([f / m for f, m in zip(seconds["full"], seconds["msd"])])
     except torch.OutOfMemoryError:  # full backprop keeps N + 1 networks' activations
         seconds = {"msd": interleaved_seconds(msd_steps_fns(model, N, batch, device, seed, ["msd"]), device,
@@ -313,7 +313,7 @@ def bench_teacher(model, dtype, batch, device, repeats, seed=0, compile=False, c
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    rounds = interleaved_seconds({"step": step}, device, repeats)["step"]
+    rounds = interleaved_seconds({"training step": step}, device, repeats, f"{model} {dtype} ")["training step"]
     seconds = statistics.median(rounds)
     flops = 3 * forward_flops(net.eval(), batch, device)  # backward ~ 2x forward; the optimiser is negligible
     row = {"model": model, "dtype": dtype + (" +compile" if compile else "") + (" +channels-last" if channels_last
