@@ -1,4 +1,5 @@
-"""The README's paper-to-code table names real functions and tests, so the map cannot rot."""
+"""The README's paper-to-code table names real functions and tests, and every relative link of the README,
+EXERCISES.md and docs/ resolves to a file and heading, so the map cannot rot."""
 import importlib
 import os
 import re
@@ -34,3 +35,27 @@ def test_every_named_function_and_test_exists():
             assert hasattr(importlib.import_module(module), attr), f"README names missing code: {name}"
             checked += 1
     assert checked >= 20
+
+
+def anchor(heading):
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_relative_link_in_the_readme_and_docs_resolves():
+    pages = ["README.md", "EXERCISES.md"] + [os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs"))
+                                             if f.endswith(".md")]
+    checked = 0
+    for page in pages:
+        text = open(os.path.join(ROOT, page)).read()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if target.startswith(("http://", "https://")):
+                continue
+            path, _, fragment = target.partition("#")
+            file = os.path.normpath(os.path.join(ROOT, os.path.dirname(page), path)) if path else os.path.join(ROOT, page)
+            assert os.path.isfile(file), f"{page} links to a missing file: {target}"
+            if fragment:
+                headings = re.findall(r"^#+ (.+)$", open(file).read(), flags=re.M)
+                assert fragment in {anchor(h) for h in headings}, f"{page} links to a missing heading: {target}"
+            checked += 1
+    assert checked >= 15
