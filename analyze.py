@@ -58,10 +58,17 @@ class Context:
 # ----------------------------------------------------------------------------------------------
 
 
+def on_device(ctx, *tensors):
+    """Tensors at rest live on the CPU (banks, pictures, statistics); they meet the networks on theirs."""
+    device = next(ctx.teacher.parameters()).device
+    return [t.to(device) for t in tensors]
+
+
 @torch.no_grad()
 def refine(ctx, x_T, y, batch_size=250):
-    """x_hat_T = g_phi(x_T, c), batched."""
-    return torch.cat([ctx.refiner(x_T[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(y), batch_size)])
+    """x_hat_T = g_phi(x_T, c), batched; on the CPU like its inputs."""
+    return torch.cat([ctx.refiner(*on_device(ctx, x_T[i:i + batch_size], y[i:i + batch_size])).cpu()
+                      for i in range(0, len(y), batch_size)])
 
 
 def bank(ctx, n=None, index=0):
@@ -214,7 +221,8 @@ def analysis_trajectory(ctx):
     regimes = {"unguided": (x_T, 0.0), f"cfg w={DISPLAY_W:g}": (x_T, DISPLAY_W), "refined": (refine(ctx, x_T, y), 0.0)}
     acc, dist, examples = {}, {}, {}
     for name, (x, w) in regimes.items():
-        final, x0s = sample(ctx.teacher, x, y, ctx.steps, w, return_x0=True)
+        final, x0s = sample(ctx.teacher, *on_device(ctx, x, y), ctx.steps, w, return_x0=True)
+        final, x0s = final.cpu(), [x0.cpu() for x0 in x0s]
         acc[name] = [ctx.judge.score(x0, y)["class_acc"] for x0 in x0s]
         # how much of the final image is already there at each step
         dist[name] = [float((x0.clamp(-1, 1) - final).pow(2).mean().sqrt()) for x0 in x0s]
@@ -353,16 +361,18 @@ def distance_from_cI(teacher, x_t, t, y):
     f = lambda x: teacher(x.view_as(x_t), timestep_batch(t, x_t), y).flatten()  # noqa: E731
     J = torch.autograd.functional.jacobian(f, x_t.flatten(), vectorize=True)  # (d, d), one batched backward
     c = torch.trace(J) / J.shape[0]
-    return float(c), float((J - c * torch.eye(J.shape[0])).norm() / J.norm())
+    return float(c), float((J - c * torch.eye(J.shape[0], device=J.device)).norm() / J.norm())
 
 
 def msd_and_full_gradients(ctx, x_T, y, x0_guide, N):
     """d loss / d x_hat_T per sample, for L_MSD and for full backprop (L_Denoise), flattened."""
     grads = []
+    y, x0_guide = on_device(ctx, y, x0_guide)
     for loss_fn in (msd_loss, full_loss):
-        x_hat = refine(ctx, x_T, y).requires_grad_()
+        x_hat, = on_device(ctx, refine(ctx, x_T, y.cpu()))
+        x_hat.requires_grad_()
         per_sample = loss_fn(ctx.teacher, x_hat, y, x0_guide, N) * len(y)  # the mean over samples, times B
-        grads.append(torch.autograd.grad(per_sample, x_hat)[0].flatten(1))
+        grads.append(torch.autograd.grad(per_sample, x_hat)[0].flatten(1).cpu())
     return grads
 
 
@@ -372,9 +382,10 @@ def analysis_jacobian(ctx, samples=4, N=Training().msd_steps):
     images, labels = test.batch(torch.randint(len(test), (samples,), generator=gen))
     rows = []
     for t in (999, 799, 599, 399, 199, 99, 49, 9):
-        per_image = [distance_from_cI(ctx.teacher, q_sample(x, torch.tensor([t]), torch.randn(x.shape, generator=gen)),
-                                      t, labels[i:i + 1])
-                     for i, x in enumerate(images.split(1))]
+        per_image = []
+        for x, c in zip(images.split(1), labels.split(1)):
+            x_t = q_sample(x, torch.tensor([t]), torch.randn(x.shape, generator=gen))  # noises drawn as before
+            per_image.append(distance_from_cI(ctx.teacher, *on_device(ctx, x_t), t, *on_device(ctx, c)))
         rows.append((t, sum(c for c, _ in per_image) / samples, sum(d for _, d in per_image) / samples))
     print(f"Jacobian of eps w.r.t. x_t ({3 * ctx.size * ctx.size} x {3 * ctx.size * ctx.size}, {samples} real "
           "test images noised to t): c = tr(J)/d and ||J - cI|| / ||J||")
@@ -382,7 +393,7 @@ def analysis_jacobian(ctx, samples=4, N=Training().msd_steps):
     write_csv(ctx, "jacobian", ["t", "c", "rel_dist_from_cI"], [(r[0], f"{r[1]:.5f}", f"{r[2]:.5f}") for r in rows])
 
     x_T, y = bank(ctx, 64)
-    g_m, g_f = msd_and_full_gradients(ctx, x_T, y, sample(ctx.teacher, x_T, y, ctx.steps, DISPLAY_W), N)
+    g_m, g_f = msd_and_full_gradients(ctx, x_T, y, sample_many(ctx.teacher, x_T, y, ctx.steps, DISPLAY_W), N)
     cos = (g_m * g_f).sum(1) / (g_m.norm(dim=1) * g_f.norm(dim=1))
     k = (g_m * g_f).sum(1) / g_m.pow(2).sum(1)  # Proposition 2's k, if g_full were a multiple of g_msd
     print(f"MSD vs full-backprop gradient w.r.t. x_hat_T (N = {N}, 64 refined noises, CFG targets): cosine "
@@ -422,7 +433,7 @@ def analysis_inversion(ctx, inversion_steps=(20, 100)):
             ("refined x_hat_T", ctx.steps, score(sample_many(ctx.teacher, x_hat, y, ctx.steps), y)["class_acc"],
              float("nan"), float(d_ref.abs().mean()), band_energy((x_hat - x_T))[0], 1.0)]
     for steps in inversion_steps:
-        x_inv = torch.cat([ddim_invert(ctx.teacher, x_cfg[i:i + 250], y[i:i + 250], steps)
+        x_inv = torch.cat([ddim_invert(ctx.teacher, *on_device(ctx, x_cfg[i:i + 250], y[i:i + 250]), steps).cpu()
                            for i in range(0, len(y), 250)])
         recon = sample_many(ctx.teacher, x_inv, y, steps)
         d_inv = (x_inv - x_T).flatten(1)
@@ -512,7 +523,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=STEPS, help="DDIM steps")
     p.add_argument("--out", default="runs/analysis")
     p.add_argument("--seed", type=int, default=0, help="seeds torch; the noise bank itself is fixed")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     args = p.parse_args(argv)
     if args.n < 20 or not 1 <= args.steps <= 1000:
         die(f"--n must be >= 20 and --steps in 1..1000, got {args.n} and {args.steps}")

@@ -31,6 +31,8 @@ import time
 import torch
 
 import noises
+import accel
+from accel import autocast, to_channels_last
 from cli import HelpFormatter, die, entry_point, print_table, resolve_device
 from checkpoint import save_json
 from models import PRESET_NAMES, build_model, model_config
@@ -40,6 +42,7 @@ from evaluate import ForwardCounter
 from noiserefine import Refiner, full_loss, msd_loss
 
 REGIMES = ("unguided", "cfg", "refined")
+PARTS = ("sampling", "msd", "teacher")
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
 
 
@@ -54,8 +57,11 @@ def parse_args(argv=None):
     p.add_argument("--teacher-models", nargs="+", default=None, help="presets of the teacher part (default: all)")
     p.add_argument("--teacher-batch", type=int, default=None, help="teacher training batch (CPU 16, CUDA 128)")
     p.add_argument("--repeats", type=int, default=5, help="interleaved timed rounds per table")
-    p.add_argument("--compile", action="store_true", help="CUDA: also time teacher training with torch.compile")
-    p.add_argument("--channels-last", action="store_true", help="CUDA: UNet teacher rows also in channels-last")
+    accel.add_flags(p, amp=True)  # sampling and MSD rows; the teacher rows time fp32 and bf16 side by side
+    p.add_argument("--compile", action="store_true", help="also time bf16 teacher training with torch.compile")
+    p.add_argument("--channels-last", action="store_true", help="also time bf16 UNet teacher training in "
+                   "channels-last (and with --compile, both)")
+    p.add_argument("--parts", nargs="+", default=PARTS, choices=PARTS, help="which tables to measure")
     p.add_argument("--json", default=None, help="write the tables here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -172,7 +178,7 @@ def inputs(model, batch, device, seed):
 # ----------------------------------------------------------------------------------------------
 
 
-def sampling_runs(model, steps, batch, device, seed=0, regimes=REGIMES):
+def sampling_runs(model, steps, batch, device, seed=0, regimes=REGIMES, amp="none"):
     """{regime: (run, networks)}: Gaussian unguided (w = 0), Gaussian + CFG (DISPLAY_W, cond and uncond in one
     batched forward), refined unguided (x_hat_T = g_phi(x_T, c), one forward, then w = 0), and unguided at
     twice the batch: CFG's forward size, to measure what a doubled batch costs on this device."""
@@ -187,16 +193,17 @@ def sampling_runs(model, steps, batch, device, seed=0, regimes=REGIMES):
 
         @torch.no_grad()
         def run(refiner=refiner, w=w, x=x, c=c):
-            return sample(teacher, refiner(x, c) if refiner is not None else x, c, steps, w)
+            with autocast(device, amp):
+                return sample(teacher, refiner(x, c) if refiner is not None else x, c, steps, w)
         runs[regime] = (run, [teacher] + ([refiner] if refiner is not None else []))
     return runs
 
 
-def bench_sampling(model, steps, batch, device, repeats, seed=0):
+def bench_sampling(model, steps, batch, device, repeats, seed=0, amp="none"):
     """Rows per regime, and the refined/CFG ratio with what explains it: the forward-count limit
     2N/(N+1), times the measured premium of a doubled batch, t(2B) / (2 t(B)), which CFG pays and
     NoiseRefine does not (CFG runs N forwards at 2B, refined N + 1 at B)."""
-    runs = sampling_runs(model, steps, batch, device, seed, REGIMES + ("unguided_2b",))
+    runs = sampling_runs(model, steps, batch, device, seed, REGIMES + ("unguided_2b",), amp)
     nfe = {}
     for regime, (run, networks) in runs.items():  # forwards per image, counted by a hook
         counter = ForwardCounter(*networks)
@@ -204,12 +211,12 @@ def bench_sampling(model, steps, batch, device, repeats, seed=0):
         nfe[regime] = counter.images / batch
         counter.remove()
     seconds = interleaved_seconds({r: run for r, (run, _) in runs.items()}, device, repeats, f"{model} {steps} steps ")
-    rows = [{"model": model, "steps": steps, "regime": r, "batch": batch,
+    rows = [{"model": model, "steps": steps, "regime": r, "batch": batch, "amp": amp,
              "img_per_s": batch / statistics.median(seconds[r]),
              "img_per_s_range": [batch / max(seconds[r]), batch / min(seconds[r])],
              "sec_per_image": statistics.median(seconds[r]) / batch, "nfe_per_image": nfe[r],
              "peak_mem_mb": measure_memory("sampling", dict(model=model, steps=steps, batch=batch, regime=r,
-                                                             seed=seed), device)}
+                                                             seed=seed, amp=amp), device)}
             for r in REGIMES]
     rounds = range(repeats)
     ratio = spread([seconds["cfg"][i] / seconds["refined"][i] for i in rounds])
@@ -220,7 +227,7 @@ def bench_sampling(model, steps, batch, device, repeats, seed=0):
     return rows
 
 
-def msd_steps_fns(model, N, batch, device, seed=0, losses=("msd", "full")):
+def msd_steps_fns(model, N, batch, device, seed=0, losses=("msd", "full"), amp="none"):
     """{loss: one refiner training step}: forward, L_MSD or L_Denoise over N teacher steps, backward, AdamW."""
     teacher = random_teacher(model, device, seed)
     x_T, y = inputs(teacher, batch, device, seed)
@@ -232,7 +239,8 @@ def msd_steps_fns(model, N, batch, device, seed=0, losses=("msd", "full")):
         loss_fn = msd_loss if loss == "msd" else full_loss
 
         def step(refiner=refiner, opt=opt, loss_fn=loss_fn):
-            value = loss_fn(teacher, refiner(x_T, y), y, x0_guide, N)
+            with autocast(device, amp):
+                value = loss_fn(teacher, refiner(x_T, y), y, x0_guide, N)
             opt.zero_grad(set_to_none=True)
             value.backward()
             opt.step()
@@ -240,20 +248,21 @@ def msd_steps_fns(model, N, batch, device, seed=0, losses=("msd", "full")):
     return fns
 
 
-def bench_msd(model, N, batch, device, repeats, seed=0):
-    rows = {loss: {"model": model, "N": N, "loss": loss, "batch": batch} for loss in ("msd", "full")}
+def bench_msd(model, N, batch, device, repeats, seed=0, amp="none"):
+    rows = {loss: {"model": model, "N": N, "loss": loss, "batch": batch, "amp": amp} for loss in ("msd", "full")}
     try:
-        seconds = interleaved_seconds(msd_steps_fns(model, N, batch, device, seed), device, repeats, f"{model} N={N} ")
+        seconds = interleaved_seconds(msd_steps_fns(model, N, batch, device, seed, amp=amp), device, repeats,
+                                      f"{model} N={N} ")
         rows["full"]["full_over_msd"] = spread([f / m for f, m in zip(seconds["full"], seconds["msd"])])
     except torch.OutOfMemoryError:  # full backprop keeps N + 1 networks' activations
-        seconds = {"msd": interleaved_seconds(msd_steps_fns(model, N, batch, device, seed, ["msd"]), device,
+        seconds = {"msd": interleaved_seconds(msd_steps_fns(model, N, batch, device, seed, ["msd"], amp), device,
                                               repeats)["msd"], "full": None}
     for loss, row in rows.items():
         row["sec_per_step"] = statistics.median(seconds[loss]) if seconds[loss] else None
         row["sec_per_step_range"] = [min(seconds[loss]), max(seconds[loss])] if seconds[loss] else None
         row["oom"] = seconds[loss] is None
         row["peak_mem_mb"] = None if row["oom"] else \
-            measure_memory("msd", dict(model=model, N=N, batch=batch, loss=loss, seed=seed), device)
+            measure_memory("msd", dict(model=model, N=N, batch=batch, loss=loss, seed=seed, amp=amp), device)
     return list(rows.values())
 
 
@@ -298,22 +307,24 @@ def bench_teacher(model, dtype, batch, device, repeats, seed=0, compile=False, c
     net = build_model(model_config(model, 10)).to(device).train()
     cuda = device.startswith("cuda")
     if channels_last:
-        net = net.to(memory_format=torch.channels_last)
+        net = to_channels_last(net)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=cuda)
     x0, y = inputs(net, batch, device, seed)
     if channels_last:
-        x0 = x0.contiguous(memory_format=torch.channels_last)
+        x0 = to_channels_last(x0)
     gen = torch.Generator(device=device).manual_seed(seed)
     fwd = torch.compile(net) if compile else net
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == "bf16")
 
-    def step():
-        with amp:
-            loss = training_loss(fwd, x0, y, 10, 0.1, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    rounds = interleaved_seconds({"training step": step}, device, repeats, f"{model} {dtype} ")["training step"]
+    per_round = 10 if cuda else 1  # a GPU step takes milliseconds: time ten per round, launches included
+
+    def steps():
+        for _ in range(per_round):
+            with autocast(device, "bf16" if dtype == "bf16" else "none"):
+                loss = training_loss(fwd, x0, y, 10, 0.1, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    rounds = [t / per_round for t in interleaved_seconds({"steps": steps}, device, repeats, f"{model} {dtype} ")["steps"]]
     seconds = statistics.median(rounds)
     flops = 3 * forward_flops(net.eval(), batch, device)  # backward ~ 2x forward; the optimiser is negligible
     row = {"model": model, "dtype": dtype + (" +compile" if compile else "") + (" +channels-last" if channels_last
@@ -323,6 +334,22 @@ def bench_teacher(model, dtype, batch, device, repeats, seed=0, compile=False, c
     peak = gpu_peak_tflops(device)
     row["share_of_bf16_peak"] = row["tflops"] / peak if peak else None
     return row
+
+
+def teacher_rows(model, args, device):
+    """The configurations of one model's teacher rows: fp32, and on CUDA bf16, then each speed option
+    asked for on top of bf16 (channels-last only for the UNet, whose convolutions it is for). CUDA's "fp32"
+    runs its matmuls in TF32, as every script here does on CUDA (cli.resolve_device)."""
+    base = dict(model=model, batch=args.teacher_batch, device=device, repeats=args.repeats, seed=args.seed)
+    rows = [dict(base, dtype="fp32")]
+    if device.startswith("cuda"):
+        rows.append(dict(base, dtype="bf16"))
+        cl = args.channels_last and model.startswith("unet")
+        if cl:
+            rows.append(dict(base, dtype="bf16", channels_last=True))
+        if args.compile:  # one compiled row, with everything else on (a compile costs a minute of set-up)
+            rows.append(dict(base, dtype="bf16", compile=True, channels_last=cl))
+    return rows
 
 
 def gpu_peak_tflops(device):
@@ -416,27 +443,29 @@ def main(argv=None):
                 else "peak RSS minus RSS before the call, each row in its own subprocess")
     print(f"bench.py on {head['device']}, torch {head['torch']}, {head['threads']} threads; {args.repeats} timed "
           f"rounds after a warm-up, configurations interleaved (median [min-max]); peak memory of one call "
-          f"after a warm-up call: {mem_note}")
-    rows = [row for m in args.models for s in args.steps
-            for row in bench_sampling(m, s, args.batch_size, device, args.repeats, args.seed)]
-    print_sampling(rows)
-    msd = [row for m in args.models for n in args.msd_steps
-           for row in bench_msd(m, n, args.msd_batch, device, args.repeats, args.seed)]
-    print_msd(msd)
-    dtypes = ["fp32", "bf16"] if device.startswith("cuda") else ["fp32"]
-    teacher = []
-    for m in args.teacher_models:
-        for dtype in dtypes:
-            kw = dict(model=m, dtype=dtype, batch=args.teacher_batch, device=device, repeats=args.repeats,
-                      seed=args.seed)
-            teacher.append(bench_teacher(**kw))
-            if dtype == "bf16" and args.compile:
-                teacher.append(bench_teacher(**kw, compile=True))
-            if dtype == "bf16" and args.channels_last and m.startswith("unet"):
-                teacher.append(bench_teacher(**kw, channels_last=True))
-    print_teacher(teacher)
+          f"after a warm-up call: {mem_note}; sampling and MSD rows with --amp {args.amp}")
+    rows, msd, teacher = [], [], []
+
+    def save():  # after every part, so a run cut short keeps what it measured
+        if args.json:
+            save_json({**head, "memory": mem_note, "sampling": rows, "msd": msd, "teacher": teacher}, args.json)
+    if "sampling" in args.parts:
+        rows = [row for m in args.models for s in args.steps
+                for row in bench_sampling(m, s, args.batch_size, device, args.repeats, args.seed, args.amp)]
+        print_sampling(rows)
+        save()
+    if "msd" in args.parts:
+        msd = [row for m in args.models for n in args.msd_steps
+               for row in bench_msd(m, n, args.msd_batch, device, args.repeats, args.seed, args.amp)]
+        print_msd(msd)
+        save()
+    if "teacher" in args.parts:
+        for m in args.teacher_models:
+            for kw in teacher_rows(m, args, device):
+                teacher.append(bench_teacher(**kw))
+                save()
+        print_teacher(teacher)
     if args.json:
-        save_json({**head, "memory": mem_note, "sampling": rows, "msd": msd, "teacher": teacher}, args.json)
         print(f"\nwrote {args.json}")
 
 

@@ -104,16 +104,16 @@ def guided_eps(model, x, t, y, w=0.0, pag=0.0):
     tt = t if torch.is_tensor(t) else timestep_batch(t, x)  # one t for the batch, or one per sample
     guided = torch.is_tensor(w) or w != 0
     if not guided and pag == 0:
-        return model(x, tt, y)
+        return model(x, tt, y).to(x.dtype)  # bf16 under autocast: the sampler still sums in x's fp32
     if guided:
         null = torch.full_like(y, model.num_classes)
-        eps_c, eps_u = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, null])).chunk(2)
+        eps_c, eps_u = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, null])).to(x.dtype).chunk(2)
         w = w.view(-1, 1, 1, 1) if torch.is_tensor(w) else w
-        eps = eps_c + w * (eps_c - eps_u)
+        eps = eps_c + w * (eps_c - eps_u)  # fp32: eps_c - eps_u is small next to either term
     else:
-        eps_c = eps = model(x, tt, y)
+        eps_c = eps = model(x, tt, y).to(x.dtype)
     if pag != 0:  # perturbed-attention guidance: self-attention map replaced by the identity
-        eps = eps + pag * (eps_c - model(x, tt, y, identity_attn=True))
+        eps = eps + pag * (eps_c - model(x, tt, y, identity_attn=True).to(x.dtype))
     return eps
     # END SOLUTION
 

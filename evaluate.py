@@ -441,24 +441,35 @@ def main(argv=None):
                    help="held-out noises: 'test' for reported tables, 'dev' for choosing settings")
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--json", default=None, help="also write the table here")
+    p.add_argument("--fid", action="store_true", help="also Inception FID against the training set (needs "
+                   "pytorch-fid; fid.py)")
     p.add_argument("--seed", type=int, default=0, help="seeds torch; the noise bank itself is fixed")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     args = p.parse_args(argv)
     if args.n < 1 or args.steps < 1 or any(w < 0 for w in args.w):
         die("--n and --steps must be positive and every --w >= 0")
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
+    import fid  # fid.py builds on this module's scores
+    inception = fid.inception(device) if args.fid else None  # a missing package fails before the sampling
     teacher, ckpt = load_teacher(args.teacher, device)
     ds = ckpt["data"]
     judge = load_judge(ds["dataset"], ds["data_dir"], ds["image_size"], device)
     x_T, y = noises.bank(args.bank, args.n, len(ds["classes"]), (3, ds["image_size"], ds["image_size"]))
-    rows = [run_regime(teacher, judge, x_T, y, "unguided", 0.0, args.steps, batch_size=args.batch_size)[0]]
-    rows += [run_regime(teacher, judge, x_T, y, "cfg", w, args.steps, batch_size=args.batch_size)[0]
-             for w in args.w]
+    rows, images = [], {}
+    for name, w in [("unguided", 0.0)] + [(f"cfg w={w:g}", w) for w in args.w]:
+        row, images[name], _ = run_regime(teacher, judge, x_T, y, name.split()[0], w, args.steps,
+                                          batch_size=args.batch_size)
+        rows.append(row)
     print_regimes(rows, f"{args.teacher}: {args.n} held-out noises ({args.bank} bank), {args.steps} DDIM steps\n"
                       f"{judge_line(judge)}")
+    fid_rows = None
+    if inception is not None:
+        scorer = fid.FID(inception)
+        fid_rows = scorer.table(images, scorer.reference(ds["dataset"], ds["data_dir"], ds["image_size"]))
+        fid.print_fid(fid_rows)
     if args.json:
-        save_json({"regimes": rows, "judge": judge.info(), "filter": None, "bank": args.bank,
+        save_json({"regimes": rows, "fid": fid_rows, "judge": judge.info(), "filter": None, "bank": args.bank,
                    "teacher": args.teacher}, args.json)
 
 

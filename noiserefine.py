@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from accel import autocast
 from checkpoint import FORMAT, fingerprint, load_checkpoint, save_atomic
 from diffusion import T, ddim_schedule, ddim_step, timestep_batch
 from pairs import batch_of
@@ -166,7 +167,8 @@ def msd_loss(teacher, x_hat_T, y, x0_guide, steps=10):
     x = x_hat_T
     for t, a_t, b_t in ddim_schedule(steps):
         with torch.no_grad():
-            eps = teacher(x, timestep_batch(t, x), y)  # SG(eps_theta(x_t, t, c))
+            eps = teacher(x, timestep_batch(t, x), y).to(x.dtype)  # SG(eps_theta(x_t, t, c)); fp32 under --amp:
+            # x_hat_0 - x0_guide is a small residual of the chain, below bf16's 3 digits of x
         x = ddim_step(x, eps, a_t, b_t)                # F_t(x) = a_t x + b_t SG(eps), eq. (4)
     return ((x - x0_guide) ** 2).mean()                # eq. (5)
     # END SOLUTION
@@ -177,7 +179,7 @@ def full_loss(teacher, x_hat_T, y, x0_guide, steps=10):
     # BEGIN SOLUTION
     x = x_hat_T
     for t, a_t, b_t in ddim_schedule(steps):
-        x = ddim_step(x, teacher(x, timestep_batch(t, x), y), a_t, b_t)
+        x = ddim_step(x, teacher(x, timestep_batch(t, x), y).to(x.dtype), a_t, b_t)
     return ((x - x0_guide) ** 2).mean()
     # END SOLUTION
 
@@ -202,6 +204,7 @@ class Training:
     msd_steps: int = 10     # N: unguided DDIM steps inside L_MSD
     val_every: int = 200
     seed: int = 0
+    amp: str = "none"       # "bf16": autocast the forwards (accel.py); the chain and the loss stay fp32
 
 
 def cosine_lr(step, steps, lr):
@@ -210,13 +213,14 @@ def cosine_lr(step, steps, lr):
 
 
 @torch.no_grad()
-def validation_loss(refiner, teacher, val, msd_steps, device):
+def validation_loss(refiner, teacher, val, msd_steps, device, amp="none"):
     """L_MSD over the validation pairs, with the refiner in eval mode (the mode sampling uses)."""
     refiner.eval()
     total = 0.0
     for i in range(0, len(val["y"]), 250):
         x_T, y, x0_guide = batch_of(val, slice(i, i + 250), device)
-        total += msd_loss(teacher, refiner(x_T, y), y, x0_guide, msd_steps).item() * len(y)
+        with autocast(device, amp):
+            total += msd_loss(teacher, refiner(x_T, y), y, x0_guide, msd_steps).item() * len(y)
     return total / len(val["y"])
 
 
@@ -254,7 +258,8 @@ def fit(refiner, teacher, train_pairs, val, t, device, ckpt_path, meta, resume=F
         torch.set_rng_state(ckpt["rng"])
         step, best, best_state = ckpt["step"], ckpt["best_val"], ckpt["best"]
     else:  # the identity refiner is the first candidate for the best validation loss
-        step, best, best_state = 0, validation_loss(refiner, teacher, val, t.msd_steps, device), refiner.trainable_state()
+        step, best = 0, validation_loss(refiner, teacher, val, t.msd_steps, device, t.amp)
+        best_state = refiner.trainable_state()
         tqdm.write(f"step 0 (identity refiner): validation L_MSD/prod(a)^2 {best / scale:.4e}")
 
     def save():
@@ -276,7 +281,8 @@ def fit(refiner, teacher, train_pairs, val, t, device, ckpt_path, meta, resume=F
         x_T, y, x0_guide = batch_of(train_pairs, torch.randint(len(train_pairs["y"]), (t.batch_size,),
                                                                 generator=gen), device)
         refiner.train()
-        loss = msd_loss(teacher, refiner(x_T, y), y, x0_guide, t.msd_steps)
+        with autocast(device, t.amp):
+            loss = msd_loss(teacher, refiner(x_T, y), y, x0_guide, t.msd_steps)
         if not torch.isfinite(loss):
             raise BadInput(f"MSD loss is {loss.item()} at step {step}; the last good checkpoint is kept in "
                            f"{os.path.dirname(ckpt_path)}")
@@ -286,7 +292,7 @@ def fit(refiner, teacher, train_pairs, val, t, device, ckpt_path, meta, resume=F
         step += 1
         bar.set_postfix(loss=f"{loss.item() / scale:.3e}", best_val=f"{best / scale:.3e}")
         if step % t.val_every == 0 or step == t.steps:
-            val_loss = validation_loss(refiner, teacher, val, t.msd_steps, device)
+            val_loss = validation_loss(refiner, teacher, val, t.msd_steps, device, t.amp)
             if val_loss < best:
                 best, best_state = val_loss, refiner.trainable_state()
             save()

@@ -21,6 +21,7 @@ from tqdm import tqdm
 import data
 import distributed
 import noises
+from accel import autocast
 from checkpoint import save_atomic
 from diffusion import STEPS, sample_many
 from safety import BadInput
@@ -41,6 +42,7 @@ class PairSettings:
     w_range: tuple = W_RANGE  # CFG scale drawn per pair (low == high: one scale)
     pag: float = 0.0          # PAG scale added to the guidance
     seed: int = 0
+    amp: str = "none"         # "bf16": the guided steps under bf16 autocast (accel.py)
 
 
 def shard_size(s):
@@ -49,7 +51,8 @@ def shard_size(s):
 
 def cache_dir(s, teacher_path, teacher_fp):
     """A folder next to the teacher, keyed by everything that decides a shard's content."""
-    key = json.dumps([CACHE_VERSION, teacher_fp, s.guide_steps, list(s.w_range), s.pag, s.seed, shard_size(s)])
+    key = [CACHE_VERSION, teacher_fp, s.guide_steps, list(s.w_range), s.pag, s.seed, shard_size(s)]
+    key = json.dumps(key + ([s.amp] if s.amp != "none" else []))  # fp32 caches keep the name they had
     return os.path.join(os.path.dirname(teacher_path), "pairs-" + hashlib.sha256(key.encode()).hexdigest()[:10])
 
 
@@ -69,7 +72,8 @@ def make_shard(teacher, pair_filter, index, s, num_classes, image_size):
     """One shard: x_T, c, w, x0_guide = DenoiseGuide(x_T, c) (eq. 1-2), the filter's confidence in each
     x0_guide and the filter's fingerprint (so that a changed filter is noticed)."""
     x_T, y, w = pair_inputs(index, s, num_classes, image_size)
-    x0_guide = sample_many(teacher, x_T, y, s.guide_steps, w, s.pag)
+    with autocast(next(teacher.parameters()).device, s.amp):
+        x0_guide = sample_many(teacher, x_T, y, s.guide_steps, w, s.pag)
     x0_guide = data.to_uint8(x0_guide)  # what a guided image is: 8 bits; also 4x smaller on disk
     return {"x_T": x_T, "y": y, "w": w, "x0_guide": x0_guide, **filter_scores(pair_filter, x0_guide, y)}
 

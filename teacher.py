@@ -16,6 +16,7 @@ from tqdm import tqdm
 import data
 import distributed
 import noises
+from accel import autocast, to_channels_last
 from checkpoint import FORMAT, load_checkpoint, load_teacher, save_atomic
 from cli import make_out_dir, seed_everything
 from diffusion import STEPS, sample, training_loss
@@ -38,19 +39,45 @@ class TeacherSettings:
     batch_size: int = 128   # the global batch (split over torchrun's processes)
     lr: float = 2e-3
     warmup: int = 200
+    lr_decay: str = "cosine"  # after the warm-up: "cosine" to 10% of lr, or "none" (constant)
     steps: int = 2500
     cond_drop: float = 0.1  # probability of the null label, so one network also gives eps_u
     ema: float = 0.999
+    hflip: bool = False     # random horizontal flips of the training images (natural photos only)
+    amp: str = "none"       # "bf16": autocast the forward (accel.py)
     grid_every: int = 1000
     grid_w: float = DISPLAY_W
     save_every: int = 500
     seed: int = 0
 
 
+# Named training recipes: train_teacher.py --recipe NAME takes its defaults from one (flags still override).
+# Each value is the source's, except where a comment says otherwise; see docs/gpu.md for the wall times.
+RECIPES = {
+    "cpu": {},  # TeacherSettings' defaults: unet-tiny on the embedded shapes, tuned here on a 2-core CPU
+    # DDPM on CIFAR-10 (Ho et al. 2020, arXiv 2006.11239, App. B): the 35.7M UNet with dropout 0.1 (our
+    # unet-cifar preset), Adam lr 2e-4 after 5,000 warm-up steps, then constant; batch 128, 800k steps
+    # (102M images seen), gradient clipping at 1, EMA 0.9999, random horizontal flips. DDPM is unconditional:
+    # the label and its 10% dropout for CFG are Ho & Salimans' (arXiv 2207.12598), who drop 10-20%.
+    "ddpm-cifar10": dict(dataset="cifar10", model="unet-cifar", batch_size=128, lr=2e-4, warmup=5000,
+                         lr_decay="none", steps=800_000, ema=0.9999, hflip=True, cond_drop=0.1,
+                         save_every=5000, grid_every=50_000),
+    # DiT (Peebles & Xie 2023, arXiv 2212.09748, §4 "Training"): AdamW, constant lr 1e-4, no weight decay,
+    # no warm-up, batch 256, EMA 0.9999, horizontal flips only, class dropout 0.1; 400k steps is the budget
+    # of their model comparisons (102M images seen). Our dit-cifar preset is their DiT-S/2 on 32 px pixels
+    # (they train on 32 x 32 latents of 256 px ImageNet).
+    "dit-cifar10": dict(dataset="cifar10", model="dit-cifar", batch_size=256, lr=1e-4, warmup=0, lr_decay="none",
+                        steps=400_000, ema=0.9999, hflip=True, cond_drop=0.1, save_every=5000, grid_every=50_000),
+}
+
+
 def lr_at(step, s):
-    """Linear warm-up, then cosine decay to 10% of the peak: short CPU runs end on small steps."""
+    """Linear warm-up, then cosine decay to 10% of the peak (short CPU runs end on small steps), or constant
+    (lr_decay "none": DDPM's and DiT's schedule)."""
     if step < s.warmup:
         return s.lr * (step + 1) / s.warmup
+    if s.lr_decay == "none":
+        return s.lr
     progress = (step - s.warmup) / max(1, s.steps - s.warmup)
     return s.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
@@ -112,9 +139,10 @@ def setup(s, out, resume, device):
     return model, ema, opt, gen, step, losses, config, meta, train
 
 
-def fit(s, out, device, resume=False, stop_at=None, compile=False, rank=0, world=1, flags=None):
+def fit(s, out, device, resume=False, stop_at=None, compile=False, rank=0, world=1, flags=None, channels_last=False):
     """Train (or resume) the teacher of settings s into out/ckpt.pt, with a sample grid every s.grid_every
-    steps. rank, world: this process under torchrun. flags: what the checkpoint records as the run's args."""
+    steps. rank, world: this process under torchrun. flags: what the checkpoint records as the run's args.
+    compile, channels_last: speed only (accel.py); the checkpoint is the same plain state dict."""
     if s.batch_size % world:
         raise BadInput(f"--batch-size {s.batch_size} must be divisible by the {world} processes")
     log = print if rank == 0 else (lambda *a, **k: None)
@@ -123,10 +151,11 @@ def fit(s, out, device, resume=False, stop_at=None, compile=False, rank=0, world
     log(f"model {config['arch']} with {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
         f"{len(train)} training images of {meta['image_size']}px, {len(meta['classes'])} classes"
         + (f"; {world} processes, {s.batch_size // world} images each per step" if world > 1 else ""))
+    if channels_last:
+        model, ema = to_channels_last(model), to_channels_last(ema)  # in place: the optimiser's tensors stay
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model  # averages gradients
     net = torch.compile(net) if compile else net
     mine = slice(rank * s.batch_size // world, (rank + 1) * s.batch_size // world)  # this rank's rows
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))  # bf16 on GPUs
     null_class = len(meta["classes"])
     last = min(s.steps, stop_at or s.steps)
 
@@ -145,8 +174,11 @@ def fit(s, out, device, resume=False, stop_at=None, compile=False, rank=0, world
         for g in opt.param_groups:
             g["lr"] = lr_at(step, s)
         x0, y = train.batch(torch.randint(len(train), (s.batch_size,), generator=gen))  # the global batch
-        with amp:
-            loss = training_loss(net, x0.to(device), y.to(device), null_class, s.cond_drop, gen, mine)
+        if s.hflip:
+            x0 = torch.where(torch.rand(len(x0), 1, 1, 1, generator=gen) < 0.5, x0.flip(-1), x0)
+        x0 = to_channels_last(x0.to(device)) if channels_last else x0.to(device)
+        with autocast(device, s.amp):
+            loss = training_loss(net, x0, y.to(device), null_class, s.cond_drop, gen, mine)
         global_loss = distributed.mean_over_ranks(loss).item()  # the global batch's loss; every rank agrees
         if not math.isfinite(global_loss):
             raise BadInput(f"loss is {global_loss} at step {step}; the last good checkpoint is kept in {out}")

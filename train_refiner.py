@@ -21,7 +21,9 @@ import time
 
 import torch
 
+import accel
 import distributed
+import fid
 import noises
 import pairs
 import teacher as teachers
@@ -59,12 +61,15 @@ def parse_args(argv=None):
     p.add_argument("--val-every", type=int, default=t.val_every)
     p.add_argument("--eval-n", type=int, default=1000, help="held-out noises in the final table")
     p.add_argument("--eval-steps", type=int, default=STEPS, help="DDIM steps of the final table")
+    p.add_argument("--fid", action="store_true", help="also Inception FID against the training set, and of the "
+                   "refined samples against the CFG samples (needs pytorch-fid; fid.py)")
     p.add_argument("--bank", default="test", choices=noises.BANKS,
                    help="held-out noises of the final table: 'test' for reported results, 'dev' for choosing settings")
     p.add_argument("--out", default="runs/refiner")
     p.add_argument("--resume", action="store_true", help="continue from --out/ckpt.pt")
     p.add_argument("--stop-at", type=int, default=None, help="stop after this step as if interrupted (tests)")
     p.add_argument("--seed", type=int, default=0, help="seeds the pairs, the refiner's batches and its LoRA")
+    accel.add_flags(p, amp=True)  # the pairs' guided steps and the refiner's training; the final table stays fp32
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     if args.steps < 1 or args.pairs < 1 or args.batch_size < 1:
@@ -81,11 +86,12 @@ def parse_args(argv=None):
 
 
 def pair_settings(args):
-    return pairs.PairSettings(args.pairs, args.guide_steps, tuple(args.w_range), args.pag, args.seed)
+    return pairs.PairSettings(args.pairs, args.guide_steps, tuple(args.w_range), args.pag, args.seed, args.amp)
 
 
 def training(args):
-    return Training(args.steps, args.batch_size, args.lr, args.adam_eps, args.msd_steps, args.val_every, args.seed)
+    return Training(args.steps, args.batch_size, args.lr, args.adam_eps, args.msd_steps, args.val_every, args.seed,
+                    args.amp)
 
 
 def evaluate_regimes(teacher, refiner, judge, args, num_classes, image_size):
@@ -127,6 +133,7 @@ def main(argv=None):
     if args.resume and not os.path.isfile(ckpt_path):  # say so before the slow parts
         die(f"--resume: no checkpoint at {ckpt_path} (--out {args.out})")
     start = time.perf_counter()
+    inception = fid.inception(device) if args.fid and rank == 0 else None  # a missing package fails here, not late
     teacher, tckpt, teacher_path = teachers.get_or_train(args.teacher, args.seed, device, rank, world)
     args.teacher = teacher_path
     teacher_fp = fingerprint(teacher)
@@ -163,7 +170,12 @@ def main(argv=None):
                       f"bootstrap intervals over the noises\n{judge_line(judge, pair_filter)}")
     for name, diff in differences.items():
         print_difference(*name.split(" - "), diff)
-    save_json({"regimes": rows, "differences": differences, "judge": judge.info(), "filter": pair_filter.info(),
+    fid_rows = None
+    if inception is not None:
+        scorer = fid.FID(inception)
+        fid_rows = scorer.table(images, scorer.reference(ds["dataset"], ds["data_dir"], size), ("refined", "cfg"))
+        fid.print_fid(fid_rows)
+    save_json({"regimes": rows, "differences": differences, "fid": fid_rows, "judge": judge.info(), "filter": pair_filter.info(),
                "bank": args.bank, "teacher": teacher_path, "args": vars(args)}, os.path.join(args.out, "metrics.json"))
     write_regime_grid(images, y, K, os.path.join(args.out, "regimes.png"))
     print(f"wrote {args.out}/metrics.json, {args.out}/regimes.png (columns: {', '.join(images)}); "

@@ -1,7 +1,7 @@
 """Train a class-conditional teacher eps_theta(x_t, t, c) with condition dropout, so CFG works.
 
     python train_teacher.py                      # the CPU default: unet-tiny on the embedded shapes
-    python train_teacher.py --dataset cifar10 --data-dir data --model unet-cifar --device cuda
+    python train_teacher.py --recipe ddpm-cifar10 --download --amp bf16 --channels-last --compile
     torchrun --standalone --nproc_per_node=4 train_teacher.py ...   # DDP: --batch-size is the global batch
 
 Writes --out/ckpt.pt (atomically) and --out/samples_<step>.png: one row per class, unguided samples
@@ -11,6 +11,7 @@ The training loop is teacher.fit; this script reads the flags and calls it.
 import argparse
 import dataclasses
 
+import accel
 import data
 import distributed
 import teacher
@@ -20,6 +21,8 @@ from models import PRESET_NAMES
 def parse_args(argv=None):
     d = teacher.TeacherSettings()  # the defaults, in one place
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--recipe", default="cpu", choices=teacher.RECIPES, help="defaults from a published recipe "
+                   "(teacher.RECIPES names each source); the flags below override them")
     p.add_argument("--dataset", default=d.dataset, choices=data.DATASETS)
     p.add_argument("--data-dir", default=d.data_dir, help="where the data set (and the classifiers' caches) live")
     p.add_argument("--download", action="store_true", help="cifar10: fetch the archive if missing")
@@ -27,7 +30,10 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=int, default=d.image_size, help="None: the preset's size")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (split over torchrun's processes)")
     p.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps, then cosine decay")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps, then --lr-decay")
+    p.add_argument("--lr-decay", default=d.lr_decay, choices=["cosine", "none"], help="after the warm-up: cosine "
+                   "to 10%% of --lr, or constant")
+    p.add_argument("--hflip", action="store_true", default=d.hflip, help="random horizontal flips (photos only)")
     p.add_argument("--steps", type=int, default=d.steps, help="total training steps")
     p.add_argument("--cond-drop", type=float, default=d.cond_drop, help="probability of the null label (for CFG)")
     p.add_argument("--ema", type=float, default=d.ema, help="EMA decay of the weights used for sampling")
@@ -38,8 +44,11 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/teacher", help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from --out/ckpt.pt")
     p.add_argument("--stop-at", type=int, default=None, help="stop after this step as if interrupted (tests)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    accel.add_flags(p, amp=True, compile=True, channels_last=True)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    recipe, _ = p.parse_known_args(argv)
+    if recipe.recipe in teacher.RECIPES:  # else parse_args below names the bad choice
+        p.set_defaults(**teacher.RECIPES[recipe.recipe])
     args = p.parse_args(argv)
     if args.steps < 1:
         die(f"--steps must be >= 1, got {args.steps}")
@@ -62,7 +71,7 @@ def main(argv=None):
         make_out_dir(args.out)
     distributed.barrier()
     teacher.fit(settings_of(args), args.out, device, args.resume, args.stop_at, args.compile, rank, world,
-                flags=vars(args))
+                flags=vars(args), channels_last=args.channels_last)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models import build_model, model_config  # noqa: E402
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", help="where the tests marked `device` run (gpu_check.sh: cuda)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "device: follows --device (gpu_check.sh runs these with --device cuda)")
+
+
+@pytest.fixture(scope="session")
+def device(request):
+    """The device of the tests marked `device`: cpu here, cuda under gpu_check.sh."""
+    return request.config.getoption("--device")
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)

@@ -43,22 +43,24 @@ def test_gaussian_prior_starts_as_the_identity():
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A 4-step teacher and a 4-step refiner on a tiny image folder."""
+def tiny_run(tmp_path_factory, device):
+    """A 4-step teacher and a 4-step refiner on a tiny image folder (the refiner on --device)."""
     root = tmp_path_factory.mktemp("analyze")
     mp = pytest.MonkeyPatch()
     train_refiner.main(["--teacher", tiny_teacher(root, mp), "--pairs", "40", "--guide-steps", "2",
                         "--msd-steps", "2", "--steps", "4", "--val-every", "2", "--batch-size", "4", "--filter", "0",
                         "--val-frac", "0.2", "--eval-n", "8", "--eval-steps", "2", "--out", str(root / "r"),
-                        "--device", "cpu"])
+                        "--device", device])
     yield root
     mp.undo()
 
 
-def test_every_analysis_runs_and_writes_its_files(tiny_run):
+@pytest.mark.device
+def test_every_analysis_runs_and_writes_its_files(tiny_run, device):
     out = tiny_run / "analysis"
     results = analyze.main(["all", "--teacher", str(tiny_run / "t" / "ckpt.pt"), "--refiner",
-                            str(tiny_run / "r" / "ckpt.pt"), "--n", "20", "--steps", "2", "--out", str(out)])
+                            str(tiny_run / "r" / "ckpt.pt"), "--n", "20", "--steps", "2", "--out", str(out),
+                            "--device", device])
     assert list(results) == list(analyze.ANALYSES)
     for name in ("layout", "trajectory", "bandswap", "slerp", "mismatch", "inversion"):
         assert os.path.isfile(out / f"{name}.png"), name
@@ -72,10 +74,11 @@ def test_every_analysis_runs_and_writes_its_files(tiny_run):
     assert len(results["judges"]) == 3 and all(0 <= v["acc_filter"] <= 1 for v in results["judges"].values())
 
 
-def test_every_ablation_row_runs(tiny_run):
+@pytest.mark.device
+def test_every_ablation_row_runs(tiny_run, device):
     out = tiny_run / "ablate"
     argv = ["--teacher", str(tiny_run / "t" / "ckpt.pt"), "--pairs", "40", "--steps", "2", "--batch-size", "4",
-            "--filter", "0", "--eval-n", "10", "--seeds", "0", "1", "--out", str(out), "--device", "cpu"]
+            "--filter", "0", "--eval-n", "10", "--seeds", "0", "1", "--out", str(out), "--device", device]
     ablate.main(argv)
     report = json.load(open(out / "ablate.json"))
     rows = {r["name"]: r for r in report["rows"]}

@@ -3,6 +3,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -47,10 +48,11 @@ TINY_RUN = ["--pairs", "24", "--guide-steps", "3", "--msd-steps", "2", "--steps"
             "--device", "cpu"]
 
 
-def test_train_refiner_end_to_end(tmp_path, monkeypatch):
+@pytest.mark.device
+def test_train_refiner_end_to_end(tmp_path, monkeypatch, device):
     teacher = tiny_teacher(tmp_path, monkeypatch)
     out = tmp_path / "r"
-    train_refiner.main(["--teacher", teacher, *TINY_RUN, "--out", str(out)])
+    train_refiner.main(["--teacher", teacher, *TINY_RUN, "--out", str(out), "--device", device])
     report = json.load(open(out / "metrics.json"))
     rows = {r["name"]: r for r in report["regimes"]}
     assert list(rows) == ["unguided", "cfg", "cfg_top", "refined"]
@@ -66,7 +68,7 @@ def test_train_refiner_end_to_end(tmp_path, monkeypatch):
     assert os.path.isfile(out / "regimes.png")
 
     sample.main(["--teacher", teacher, "--refiner", str(out / "ckpt.pt"), "--per-label", "3", "--steps", "2",
-                 "--out", str(tmp_path / "s" / "refined"), "--device", "cpu"])
+                 "--out", str(tmp_path / "s" / "refined"), "--device", device])
     npz = np.load(tmp_path / "s" / "refined.npz")
     assert npz["images"].shape == (6, 3, 8, 8) and npz["labels"].tolist() == [0, 0, 0, 1, 1, 1]
 
