@@ -433,8 +433,8 @@ def analysis_inversion(ctx, inversion_steps=(20, 100)):
             ("refined x_hat_T", ctx.steps, score(sample_many(ctx.teacher, x_hat, y, ctx.steps), y)["class_acc"],
              float("nan"), float(d_ref.abs().mean()), band_energy((x_hat - x_T))[0], 1.0)]
     for steps in inversion_steps:
-        x_inv = torch.cat([ddim_invert(ctx.teacher, *on_device(ctx, x_cfg[i:i + 250], y[i:i + 250]), steps).cpu()
-                           for i in range(0, len(y), 250)])
+        x_inv = torch.cat([ddim_invert(ctx.teacher, *on_device(ctx, x_cfg[i:i + 250], y[i:i + 250]), steps)
+                           .cpu() for i in range(0, len(y), 250)])
         recon = sample_many(ctx.teacher, x_inv, y, steps)
         d_inv = (x_inv - x_T).flatten(1)
         cos = float(((d_inv * d_ref).sum(1) / (d_inv.norm(dim=1) * d_ref.norm(dim=1))).mean())

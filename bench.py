@@ -324,7 +324,8 @@ def bench_teacher(model, dtype, batch, device, repeats, seed=0, compile=False, c
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    rounds = [t / per_round for t in interleaved_seconds({"steps": steps}, device, repeats, f"{model} {dtype} ")["steps"]]
+    timed = interleaved_seconds({"steps": steps}, device, repeats, f"{model} {dtype} ")["steps"]
+    rounds = [t / per_round for t in timed]
     seconds = statistics.median(rounds)
     flops = 3 * forward_flops(net.eval(), batch, device)  # backward ~ 2x forward; the optimiser is negligible
     row = {"model": model, "dtype": dtype + (" +compile" if compile else "") + (" +channels-last" if channels_last

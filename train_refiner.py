@@ -175,8 +175,9 @@ def main(argv=None):
         scorer = fid.FID(inception)
         fid_rows = scorer.table(images, scorer.reference(ds["dataset"], ds["data_dir"], size), ("refined", "cfg"))
         fid.print_fid(fid_rows)
-    save_json({"regimes": rows, "differences": differences, "fid": fid_rows, "judge": judge.info(), "filter": pair_filter.info(),
-               "bank": args.bank, "teacher": teacher_path, "args": vars(args)}, os.path.join(args.out, "metrics.json"))
+    save_json({"regimes": rows, "differences": differences, "fid": fid_rows, "judge": judge.info(),
+               "filter": pair_filter.info(), "bank": args.bank, "teacher": teacher_path, "args": vars(args)},
+              os.path.join(args.out, "metrics.json"))
     write_regime_grid(images, y, K, os.path.join(args.out, "regimes.png"))
     print(f"wrote {args.out}/metrics.json, {args.out}/regimes.png (columns: {', '.join(images)}); "
           f"total {time.perf_counter() - start:.0f} s")
