@@ -1,6 +1,6 @@
-"""The paper's ablations (§4 of ../shared/PAPER.md) on the embedded default, as one table.
+"""The paper's ablations (§4 of the paper, arXiv 2412.03895) on the embedded default, as one table.
 
-    python ablate.py                 # every row: about 20 minutes on a 2-core CPU (pairs cached)
+    python ablate.py                 # every row over three seeds: 25 minutes on a 2-core CPU (pairs cached)
     python ablate.py --rows n5 lora  # some rows
 
 Same teacher, same guided pairs (the cache `train_refiner.py` made), same training budget (--steps at
@@ -23,7 +23,6 @@ each of --seeds, and the table gives the mean, the spread over seeds and a 95% i
 Writes --out/ablate.json and --out/ablate.csv; a finished row and seed is cached in
 --out/<row>/seed<k>/ and reused when its settings are unchanged.
 """
-import argparse
 import copy
 import csv
 import dataclasses
@@ -41,7 +40,8 @@ import noises
 import pairs
 import teacher as teachers
 from checkpoint import fingerprint, save_atomic, save_json
-from cli import HelpFormatter, die, entry_point, print_table, resolve_device, seed_everything
+import cli
+from cli import die, entry_point, print_table, resolve_device, seed_everything
 from diffusion import STEPS, T, guided_eps, q_sample
 from evaluate import INTERVALS, Measured, judge_line, load_filter, load_judge, print_difference, run_regime, seeds_interval
 from models import build_model
@@ -125,26 +125,29 @@ COMPARISONS = [("noiserefine", "cfg"), ("n5", "noiserefine"), ("nofilter", "nois
                ("refined_cfg", "noiserefine")]
 
 
-def parse_args(argv=None):
+def build_parser():
     d = Training()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS)
-    p.add_argument("--teacher", default=teachers.DEFAULT_TEACHER)
-    p.add_argument("--steps", type=int, default=400, help="training steps of every trained row")
-    p.add_argument("--pairs", type=int, default=pairs.PairSettings().count, help="the pairs budget (the default "
-                   "refiner's)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="batch of every trained row")
-    p.add_argument("--filter", type=float, default=pairs.FILTER, help="the quality filter of every row but nofilter")
-    p.add_argument("--small-w", type=float, default=0.5, help="CFG scale of the refined_cfg row")
-    p.add_argument("--eval-n", type=int, default=1000)
+    p = cli.Parser(__doc__)
+    p.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS, help="which rows")
+    p.add_argument("--teacher", type=cli.checkpoint_file, default=teachers.DEFAULT_TEACHER, help="teacher checkpoint")
+    p.add_argument("--steps", type=cli.integer(1), default=400, help="training steps of every trained row")
+    p.add_argument("--pairs", type=cli.integer(1, 10 ** 8), default=pairs.PairSettings().count, help="the pairs "
+                   "budget (the default refiner's)")
+    p.add_argument("--batch-size", type=cli.integer(1, 65536), default=d.batch_size, help="batch of every trained row")
+    p.add_argument("--filter", type=cli.number(0, 1, hi_open=True), default=pairs.FILTER, help="the quality filter "
+                   "of every row but nofilter")
+    p.add_argument("--small-w", type=cli.number(0, 100), default=0.5, help="CFG scale of the refined_cfg row")
+    p.add_argument("--eval-n", type=cli.integer(10, 10 ** 7), default=1000, help="held-out noises per row")
     p.add_argument("--bank", default="test", choices=noises.BANKS, help="held-out noises (dev: for choosing)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+    p.add_argument("--seeds", type=cli.SEED, nargs="+", default=[0, 1, 2],
                    help="training seeds of every trained row (the pairs and the noises stay the same)")
-    p.add_argument("--out", default="runs/ablate")
-    p.add_argument("--device", default="auto")
-    args = p.parse_args(argv)
-    if args.steps < 1 or args.pairs < 1 or args.batch_size < 1 or args.eval_n < 10 or args.small_w < 0:
-        die("--steps, --pairs and --batch-size must be >= 1, --eval-n >= 10, --small-w >= 0")
+    p.add_argument("--out", type=cli.path, default="runs/ablate", help="output folder")
+    p.add_argument("--device", type=cli.device, default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     if len(set(args.seeds)) != len(args.seeds):
         die(f"--seeds must differ from each other, got {args.seeds}")
     return args

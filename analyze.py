@@ -1,4 +1,4 @@
-"""Why refined noise works: the paper's analyses (§5 of ../shared/PAPER.md), one subcommand per figure.
+"""Why refined noise works: the paper's analyses (§5 of the paper, arXiv 2412.03895), one subcommand per figure.
 
     python analyze.py diff          # |x_hat_T - x_T| against two independent noises      (Figs. 3a, 7a)
     python analyze.py spectrum      # radial FFT magnitude of the difference              (Figs. 3b, 7b)
@@ -18,7 +18,6 @@ Each prints its numbers and writes --out/<name>.png (an image grid) and/or --out
 (never a training x_T, and never the test bank of the final tables); scores are the judge's. Defaults: the
 teacher and refiner that `python train_refiner.py` writes.
 """
-import argparse
 import csv
 import math
 import os
@@ -30,7 +29,8 @@ import torch
 import data
 import noises
 from checkpoint import load_teacher
-from cli import HelpFormatter, die, entry_point, print_table, resolve_device, seed_everything
+import cli
+from cli import entry_point, print_table, resolve_device, seed_everything
 from diffusion import (STEPS, ddim_coeffs, ddim_timesteps, q_sample, sample, sample_many, SAMPLERS,
                        timestep_batch)
 from evaluate import FILTER, Judge, judge_line, load_judge, load_or_train
@@ -514,20 +514,22 @@ ANALYSES = {"diff": analysis_diff, "spectrum": analysis_spectrum, "layout": anal
             "samplers": analysis_samplers, "judges": analysis_judges}
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+def build_parser():
+    p = cli.Parser(__doc__)
     p.add_argument("name", choices=[*ANALYSES, "all"])
-    p.add_argument("--teacher", default="runs/teacher/ckpt.pt")
-    p.add_argument("--refiner", default="runs/refiner/ckpt.pt")
-    p.add_argument("--n", type=int, default=1000, help="held-out noises (some analyses use fewer, see each)")
-    p.add_argument("--steps", type=int, default=STEPS, help="DDIM steps")
-    p.add_argument("--out", default="runs/analysis")
-    p.add_argument("--seed", type=int, default=0, help="seeds torch; the noise bank itself is fixed")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    args = p.parse_args(argv)
-    if args.n < 20 or not 1 <= args.steps <= 1000:
-        die(f"--n must be >= 20 and --steps in 1..1000, got {args.n} and {args.steps}")
-    return args
+    p.add_argument("--teacher", type=cli.checkpoint_file, default="runs/teacher/ckpt.pt", help="teacher checkpoint")
+    p.add_argument("--refiner", type=cli.checkpoint_file, default="runs/refiner/ckpt.pt", help="refiner checkpoint")
+    p.add_argument("--n", type=cli.integer(20, 10 ** 6), default=1000, help="held-out noises (some analyses use "
+                   "fewer, see each)")
+    p.add_argument("--steps", type=cli.STEPS_1000, default=STEPS, help="DDIM steps")
+    p.add_argument("--out", type=cli.path, default="runs/analysis", help="output folder")
+    p.add_argument("--seed", type=cli.SEED, default=0, help="seeds torch; the noise bank itself is fixed")
+    p.add_argument("--device", type=cli.device, default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 @entry_point

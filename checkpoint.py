@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from data import resolve_dir
 from models import build_model
 from safety import BadInput, write_atomic
 
@@ -55,6 +56,7 @@ def load_checkpoint(path, kind, flag="--teacher"):
 def load_teacher(path, device="cpu", flag="--teacher"):
     """(EMA teacher in eval mode with frozen weights, checkpoint dict)."""
     ckpt = load_checkpoint(path, "teacher", flag)
+    ckpt["data"]["data_dir"] = resolve_dir(ckpt["data"]["data_dir"])  # found from any working directory
     model = build_model(ckpt["config"])
     model.load_state_dict(ckpt["ema"])
     model.requires_grad_(False)

@@ -2,6 +2,7 @@
 table printer, and the defaults that several scripts show (so each is typed once)."""
 import argparse
 import functools
+import math
 import os
 import random
 import sys
@@ -9,11 +10,132 @@ import sys
 import numpy as np
 import torch
 
-from safety import BadInput, lock_folder
+from tqdm import tqdm
+
+from safety import BadInput, Interrupted, lock_folder
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help keeps the docstring's lines (its usage examples) and shows every flag's default."""
+    """--help keeps the docstring's lines (its usage examples) and shows every flag's default, unless its
+    help already says what the default means."""
+
+    def _get_help_string(self, action):
+        if "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """Every script's parser: the docstring as its help, and a bad flag ends in one line naming it
+    ('error: argument --lr: expected a number > 0, got -1'), exit 2, before any work starts."""
+
+    def __init__(self, description):
+        super().__init__(description=description, formatter_class=HelpFormatter)
+
+    def error(self, message):
+        die(message)
+
+
+# ----------------------------------------------------------------------------------------------
+# Flag types: each checks its value at parse time and names its domain (tests/test_flags.py fuzzes them)
+# ----------------------------------------------------------------------------------------------
+
+
+def flag_type(domain):
+    """Mark a parse function as a validator with this domain (for --help and the fuzz test)."""
+    def mark(parse):
+        parse.domain = domain
+        parse.__name__ = domain  # what argparse would print for a ValueError
+        return parse
+    return mark
+
+
+def integer(lo, hi=None):
+    """An integer in lo..hi (no hi: below 2^62, which no count here comes near)."""
+    domain = f"an integer in {lo}..{hi}" if hi is not None else f"an integer >= {lo} (below 2^62)"
+
+    @flag_type(domain)
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not lo <= value <= (hi if hi is not None else 2 ** 62):
+            raise argparse.ArgumentTypeError(f"expected {domain}, got {value}")
+        return value
+    return parse
+
+
+def number(lo, hi, lo_open=False, hi_open=False):
+    """A finite float in [lo, hi], either end open if asked."""
+    domain = f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+
+    @flag_type(domain)
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        inside = (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi)
+        if not math.isfinite(value) or not inside:
+            raise argparse.ArgumentTypeError(f"expected {domain}, got {text}")
+        return value
+    return parse
+
+
+@flag_type("an existing checkpoint file")
+def checkpoint_file(text):
+    """A file torch.save wrote (a zip archive); what is in it is checked when it is loaded."""
+    if not os.path.exists(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: no such file")
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file")
+    try:
+        with open(text, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: cannot read it ({e.strerror})") from None
+    if magic != b"PK\x03\x04":
+        raise argparse.ArgumentTypeError(f"{text!r} is {'empty' if not magic else 'not a checkpoint'} (a checkpoint "
+                                         "is a zip archive written by torch.save)")
+    return text
+
+
+@flag_type("a path")
+def path(text):
+    """A path to read or write: not empty, and not under an existing file."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    parent = os.path.dirname(os.path.abspath(text))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(f"{text!r} lies under {parent!r}, which is a file")
+    return text
+
+
+@flag_type("auto, cpu, cuda or cuda:N")
+def device(text):
+    """A device this torch can use; resolve_device turns 'auto' into one."""
+    kind, _, index = text.partition(":")
+    if kind not in ("auto", "cpu", "cuda") or (index and (kind != "cuda" or not index.isdigit())):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine (use --device cpu)")
+    if index and int(index) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA devices")
+    return text
+
+
+@flag_type("a Python name")
+def name(text):
+    if not text.replace(".", "_").isidentifier():
+        raise argparse.ArgumentTypeError(f"expected a function name, got {text!r}")
+    return text
+
+
+SEED = integer(0, 2 ** 32 - 1)
+STEPS_1000 = integer(1, 1000)  # DDIM steps: at most one per training timestep
 
 
 def die(msg):
@@ -22,15 +144,57 @@ def die(msg):
     sys.exit(2)
 
 
+def close_progress_bars():
+    """End any open tqdm bar's line, so that a message after it starts on a line of its own."""
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()
+
+
 def entry_point(main):
-    """Decorate a script's main: bad input raised anywhere below (safety.BadInput) ends in one line."""
+    """Decorate a script's main: bad input raised anywhere below (safety.BadInput) ends in one line, exit 2;
+    Ctrl-C in one line saying what was kept, exit 130 (the shell's code for SIGINT)."""
     @functools.wraps(main)
     def run(*args, **kwargs):
         try:
             return main(*args, **kwargs)
         except BadInput as e:
+            close_progress_bars()
             die(str(e))
+        except (Interrupted, KeyboardInterrupt) as e:
+            close_progress_bars()
+            print(f"interrupted {e}" if isinstance(e, Interrupted) else "interrupted (Ctrl-C); the files written "
+                  "whole are kept, and running again continues from them", file=sys.stderr)
+            sys.exit(130)
     return run
+
+
+def given_flags(parser, argv):
+    """The dests of the flags written on the command line (not left at their defaults)."""
+    argv = sys.argv[1:] if argv is None else argv
+    return {a.dest for a in parser._actions
+            if any(arg == opt or arg.startswith(opt + "=") for opt in a.option_strings for arg in argv)}
+
+
+def resume_flags(args, given, path, kind, keys):
+    """--resume continues the run in `path`, so the flags in `keys` (those that shape the model or its data)
+    are the checkpoint's: one written on the command line with another value is refused in one line, one
+    left at its default is taken from the checkpoint, and said."""
+    from checkpoint import load_checkpoint  # checkpoint.py knows the models, which cli.py otherwise need not
+    if not os.path.isfile(path):
+        die(f"--resume: no checkpoint at {path} (--out {args.out})")
+    stored = load_checkpoint(path, kind, "--resume").get("args") or {}
+    taken = []
+    for key in keys:
+        if key not in stored or stored[key] == getattr(args, key):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if key in given:
+            die(f"--resume: {path} was trained with {flag} {stored[key]}, not {getattr(args, key)}; leave {flag} "
+                "out to continue it, or choose another --out for a new run")
+        setattr(args, key, stored[key])
+        taken.append(f"{flag} {stored[key]}")
+    if taken:
+        print(f"resuming {path} with its own {', '.join(taken)}")
 
 
 def make_out_dir(path):

@@ -46,6 +46,20 @@ def to_float(x):
     return x.float() / 127.5 - 1
 
 
+ROOT = os.path.dirname(os.path.abspath(__file__))  # the repository: where a relative data folder is stored from
+
+
+def portable_dir(path):
+    """--data-dir as a checkpoint stores it: relative to this repository when inside it, else absolute, so
+    that resolve_dir finds it again from any working directory (and after the repository moves)."""
+    full = os.path.abspath(path)
+    return os.path.relpath(full, ROOT) if full == ROOT or full.startswith(ROOT + os.sep) else full
+
+
+def resolve_dir(stored):
+    return stored if os.path.isabs(stored) else os.path.join(ROOT, stored)
+
+
 def load_dataset(name, data_dir="data", image_size=None, split="train", download=False):
     """The `split` ('train' or 'test') of a data set; image_size=None takes the source's native size."""
     if name == "shapes":
@@ -246,10 +260,18 @@ def image_folder(root, image_size=32, split="train"):
     return ImageSet(torch.from_numpy(np.stack(images)), torch.tensor(labels), classes)
 
 
+def eight_bit(im):
+    """16- and 32-bit grey images as 8 bits: Pillow's convert('RGB') would clip them (65535 -> 255)."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        top = 65535 if im.mode.startswith("I;16") or np.asarray(im).max() > 255 else 255
+        return Image.fromarray((np.asarray(im, np.float64) * 255 / top).round().clip(0, 255).astype(np.uint8))
+    return im
+
+
 def read_image(path, size):
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB").resize((size, size), Image.BICUBIC)
+            im = eight_bit(im).convert("RGB").resize((size, size), Image.BICUBIC)
             return np.asarray(im).transpose(2, 0, 1).copy()
     except Exception as e:
         print(f"warning: skipping unreadable image {path} ({type(e).__name__})", file=sys.stderr)
@@ -261,8 +283,9 @@ def read_image(path, size):
 # ----------------------------------------------------------------------------------------------
 
 
-def save_grid(images, nrow, path, scale=4, pad=1):
-    """Write (N, 3, H, W) images in [-1, 1] as one PNG, nrow images per row, upscaled `scale` times."""
+def save_grid(images, nrow, path, scale=4, pad=1, header=()):
+    """Write (N, 3, H, W) images in [-1, 1] as one PNG, nrow images per row, upscaled `scale` times.
+    header: (title, columns) pairs, written left to right above the grid, each over its columns."""
     x = to_uint8(images).numpy()
     N, C, H, W = x.shape
     rows = -(-N // nrow)
@@ -272,4 +295,21 @@ def save_grid(images, nrow, path, scale=4, pad=1):
         canvas[pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = \
             x[i].transpose(1, 2, 0)
     img = Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST)
+    if header:
+        img = with_header(img, header, (W + pad) * scale, pad * scale)
     write_atomic(path, lambda f: img.save(f, format="PNG"))
+
+
+def with_header(img, header, column_width, left):
+    """The image under a white strip with each title centred over its columns (Pillow's built-in font)."""
+    from PIL import ImageDraw
+    strip = 14
+    out = Image.new("RGB", (img.width, img.height + strip), "white")
+    out.paste(img, (0, strip))
+    draw, x = ImageDraw.Draw(out), left
+    for title, columns in header:
+        width = columns * column_width
+        text = draw.textlength(title)
+        draw.text((x + max(0, (width - text) / 2), 2), title, fill="black")
+        x += width
+    return out

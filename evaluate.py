@@ -16,7 +16,6 @@ please the filter is not graded by it. Every score below is the judge's:
 
 compares regimes on one fixed bank of held-out noises with balanced labels (the test bank by default).
 """
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -32,8 +31,9 @@ from tqdm import tqdm
 import data
 import noises
 from checkpoint import FORMAT, fingerprint, load_checkpoint, load_teacher, save_atomic, save_json
-from cli import HelpFormatter, die, entry_point, print_table, resolve_device
-from diffusion import STEPS, sample_many
+import cli
+from cli import entry_point, print_table, resolve_device
+from diffusion import BATCH, STEPS, sample_many
 
 CLASSIFIER_STEPS = 600  # enough for >= 99% held-out accuracy on the embedded set (about 30 s on 2 cores)
 MIRROR_SAFE = ("shapes", "cifar10", "imagenet64")  # sets whose classes survive a left-right flip
@@ -384,7 +384,7 @@ class ForwardCounter:
             h.remove()
 
 
-def run_regime(teacher, judge, x_T, y, name, w=0.0, steps=STEPS, refiner=None, batch_size=250, intervals=True):
+def run_regime(teacher, judge, x_T, y, name, w=0.0, steps=STEPS, refiner=None, batch_size=BATCH, intervals=True):
     """Sample the bank in one regime, time it, count forwards, score it. Returns (row, images, measured)."""
     n = min(batch_size, len(y))  # warm-up, not timed or counted: allocator and kernels settle first
     sample_many(teacher, x_T[:n], y[:n], 1, w, batch_size=batch_size, refiner=refiner)
@@ -430,24 +430,27 @@ def print_difference(name_a, name_b, diff):
           f"FD_cls {fd[0]:+.2f} [{fd[1]:+.2f}, {fd[2]:+.2f}] ({verdict(diff, 'fd_cls')}; lower is better)")
 
 
-@entry_point
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--teacher", default="runs/teacher/ckpt.pt", help="teacher checkpoint")
-    p.add_argument("--n", type=int, default=1000, help="samples per regime (balanced classes)")
-    p.add_argument("--steps", type=int, default=STEPS, help="DDIM steps")
-    p.add_argument("--w", type=float, nargs="+", default=[1.0, 2.0, 3.0, 4.0], help="CFG scales to compare")
+def build_parser():
+    p = cli.Parser(__doc__)
+    p.add_argument("--teacher", type=cli.checkpoint_file, default="runs/teacher/ckpt.pt", help="teacher checkpoint")
+    p.add_argument("--n", type=cli.integer(10, 10 ** 7), default=1000, help="samples per regime (balanced classes)")
+    p.add_argument("--steps", type=cli.STEPS_1000, default=STEPS, help="DDIM steps")
+    p.add_argument("--w", type=cli.number(0, 100), nargs="+", default=[1.0, 2.0, 3.0, 4.0],
+                   help="CFG scales to compare")
     p.add_argument("--bank", default="test", choices=noises.BANKS,
                    help="held-out noises: 'test' for reported tables, 'dev' for choosing settings")
-    p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--json", default=None, help="also write the table here")
+    p.add_argument("--batch-size", type=cli.integer(1, 65536), default=BATCH, help="sampling batch")
+    p.add_argument("--json", type=cli.path, default=None, help="also write the table here")
     p.add_argument("--fid", action="store_true", help="also Inception FID against the training set (needs "
                    "pytorch-fid; fid.py)")
-    p.add_argument("--seed", type=int, default=0, help="seeds torch; the noise bank itself is fixed")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    args = p.parse_args(argv)
-    if args.n < 1 or args.steps < 1 or any(w < 0 for w in args.w):
-        die("--n and --steps must be positive and every --w >= 0")
+    p.add_argument("--seed", type=cli.SEED, default=0, help="seeds torch; the noise bank itself is fixed")
+    p.add_argument("--device", type=cli.device, default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    return p
+
+
+@entry_point
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     import fid  # fid.py builds on this module's scores

@@ -9,13 +9,13 @@ Only the files git tracks (or would: untracked, not ignored) are copied; outside
 but .git, .venv, runs, data, samples and caches. It refuses to write inside this repository or into a
 folder that is not empty.
 """
-import argparse
 import os
 import re
 import shutil
 import subprocess
 
-from cli import HelpFormatter, die
+import cli
+from cli import die
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BEGIN, END = "# BEGIN SOLUTION", "# END SOLUTION"
@@ -89,11 +89,16 @@ def read(rel):
         return f.read()
 
 
+def build_parser():
+    p = cli.Parser(__doc__)
+    p.add_argument("--out", type=cli.path, required=True, help="an empty or new folder outside this repository")
+    p.add_argument("--only", type=cli.name, nargs="+", default=None, help="blank only these functions (default: "
+                   "all marked)")
+    return p
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--out", required=True, help="an empty or new folder outside this repository")
-    p.add_argument("--only", nargs="+", default=None, help="blank only these functions (default: all marked)")
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
     out = os.path.realpath(args.out)
     if out == ROOT or out.startswith(ROOT + os.sep):
         die(f"--out {args.out} is inside the repository; choose a folder outside it")

@@ -18,7 +18,6 @@ The guided pairs (x_T, c, x0_guide) the refiner learns from are made in pairs.py
 import copy
 import dataclasses
 import math
-import os
 
 import torch
 import torch.nn as nn
@@ -28,7 +27,7 @@ from accel import autocast
 from checkpoint import FORMAT, fingerprint, load_checkpoint, save_atomic
 from diffusion import T, ddim_schedule, ddim_step, timestep_batch
 from pairs import batch_of
-from safety import BadInput
+from safety import BadInput, on_interrupt
 
 # ----------------------------------------------------------------------------------------------
 # LoRA (Hu et al., arXiv 2106.09685), from scratch
@@ -197,7 +196,7 @@ def prod_a(steps):
 @dataclasses.dataclass
 class Training:
     """The refiner's training settings (train_refiner.py's flags default to these)."""
-    steps: int = 800
+    steps: int = 600        # 800 gave the same table on the dev bank (docs/speed.md, "what bought what")
     batch_size: int = 32
     lr: float = 3e-4
     adam_eps: float = 1e-8  # must stay small next to sqrt(v): see `fit`
@@ -262,11 +261,20 @@ def fit(refiner, teacher, train_pairs, val, t, device, ckpt_path, meta, resume=F
         best_state = refiner.trainable_state()
         tqdm.write(f"step 0 (identity refiner): validation L_MSD/prod(a)^2 {best / scale:.4e}")
 
+    saved = step if resume else None  # the step of the checkpoint on disk
+
+    def kept():
+        if saved is None:
+            return f"no checkpoint was written yet (one every {t.val_every} steps)"
+        return f"the checkpoint of step {saved} is kept in {ckpt_path}; --resume continues from it"
+
     def save():
+        nonlocal saved
         save_atomic({"kind": "refiner", "format": FORMAT, **meta, "rank": refiner.rank, "alpha": refiner.alpha,
                      "state": refiner.trainable_state(), "best": best_state, "best_val": best,
                      "opt": opt.state_dict(), "gen": gen.get_state(), "rng": torch.get_rng_state(), "step": step},
                     ckpt_path)
+        saved = step  # only once the file is whole
 
     # To first order x_hat_0 moves by prod(a_t) ~ 157 times a move of x_hat_T, so L_MSD / prod(a_t)^2 is
     # the squared size of the noise-space correction x_hat_T still lacks (~1e-6: the correction is small).
@@ -275,31 +283,31 @@ def fit(refiner, teacher, train_pairs, val, t, device, ckpt_path, meta, resume=F
     # (see the "eps-bound" share the validation line prints, and ablate.py's row eps_scaled).
     last = min(t.steps, stop_at or t.steps)
     bar = tqdm(range(step, last), initial=step, total=t.steps, desc="refiner (MSD)")
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, t.steps, t.lr)
-        x_T, y, x0_guide = batch_of(train_pairs, torch.randint(len(train_pairs["y"]), (t.batch_size,),
-                                                                generator=gen), device)
-        refiner.train()
-        with autocast(device, t.amp):
-            loss = msd_loss(teacher, refiner(x_T, y), y, x0_guide, t.msd_steps)
-        if not torch.isfinite(loss):
-            raise BadInput(f"MSD loss is {loss.item()} at step {step}; the last good checkpoint is kept in "
-                           f"{os.path.dirname(ckpt_path)}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        bar.set_postfix(loss=f"{loss.item() / scale:.3e}", best_val=f"{best / scale:.3e}")
-        if step % t.val_every == 0 or step == t.steps:
-            val_loss = validation_loss(refiner, teacher, val, t.msd_steps, device, t.amp)
-            if val_loss < best:
-                best, best_state = val_loss, refiner.trainable_state()
-            save()
-            tqdm.write(f"step {step}: validation L_MSD/prod(a)^2 {val_loss / scale:.4e} (best {best / scale:.4e}); "
-                       f"eps-bound weights {eps_bound_share(opt):.2%}")
-        elif step == last:
-            save()
+    with on_interrupt(lambda: f"at step {step}; {kept()}"):
+        for step in bar:
+            for g in opt.param_groups:
+                g["lr"] = cosine_lr(step, t.steps, t.lr)
+            x_T, y, x0_guide = batch_of(train_pairs, torch.randint(len(train_pairs["y"]), (t.batch_size,),
+                                                                    generator=gen), device)
+            refiner.train()
+            with autocast(device, t.amp):
+                loss = msd_loss(teacher, refiner(x_T, y), y, x0_guide, t.msd_steps)
+            if not torch.isfinite(loss):
+                raise BadInput(f"MSD loss is {loss.item()} at step {step}; {kept()}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            bar.set_postfix(loss=f"{loss.item() / scale:.3e}", best_val=f"{best / scale:.3e}")
+            if step % t.val_every == 0 or step == t.steps:
+                val_loss = validation_loss(refiner, teacher, val, t.msd_steps, device, t.amp)
+                if val_loss < best:
+                    best, best_state = val_loss, refiner.trainable_state()
+                save()
+                tqdm.write(f"step {step}: validation L_MSD/prod(a)^2 {val_loss / scale:.4e} (best {best / scale:.4e}); "
+                           f"eps-bound weights {eps_bound_share(opt):.2%}")
+            elif step == last:
+                save()
     refiner.load_state_dict(best_state, strict=False)
     return refiner.eval()
 

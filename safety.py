@@ -2,6 +2,7 @@
 the paper never steps over it: the error class for bad input, the lock on an output folder, atomic writes,
 a pickle reader that admits only numpy arrays, archive member checks and a checksummed download."""
 import atexit
+import contextlib
 import hashlib
 import os
 import pickle
@@ -15,23 +16,41 @@ class BadInput(ValueError):
     it as one line, `error: ...`, and exit with status 2."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C in a training loop, with what was kept; the scripts print it as one line and exit with 130."""
+
+
+@contextlib.contextmanager
+def on_interrupt(account):
+    """Ctrl-C inside the block becomes Interrupted(account()): at which step, and which checkpoint is kept."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(account()) from None
+
+
 # ----------------------------------------------------------------------------------------------
 # Writing: whole files or none, one run per output folder
 # ----------------------------------------------------------------------------------------------
 
 
 def write_atomic(path, write, mode="wb"):
-    """write(f) into path.tmp, then rename: readers see the old file or the new one, never half of one,
-    and a failed write leaves no temporary file behind."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """write(f) into path.tmp, then rename: readers see the old file or the new one, never half of one.
+    Every file this repository writes goes through here. A failed write leaves no temporary file behind,
+    and a full disk, a read-only folder or a path under a file ends in one line naming the path."""
     tmp = f"{path}.tmp"
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(tmp, mode) as f:
             write(f)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if os.path.isfile(tmp):
             os.remove(tmp)
+        # torch.save reports a failed write (a full disk) as a RuntimeError from its zip writer
+        if isinstance(e, OSError) or isinstance(e, RuntimeError) and "PytorchStreamWriter" in str(e):
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:100]
+            raise BadInput(f"cannot write {path} ({why}); nothing half-written was left there") from None
         raise
 
 

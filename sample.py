@@ -3,37 +3,43 @@
     python sample.py --teacher runs/teacher/ckpt.pt --w 3               # Gaussian noise + CFG
     python sample.py --refiner runs/refiner/ckpt.pt                     # refined noise, no guidance
 
-Writes --out.png (one row per label) and --out.npz (uint8 images, labels, the x_T used).
+Writes --out.png (one row per label) and --out.npz: uint8 images, labels, the x_T drawn and the x_hat_T
+sampled from (the same without --refiner), and w, steps, sampler, teacher and refiner.
 """
-import argparse
-
 import numpy as np
 import torch
 
+import cli
 import data
 import noises
-from checkpoint import load_teacher
-from cli import HelpFormatter, die, entry_point, resolve_device, seed_everything
+from checkpoint import load_checkpoint, load_teacher
+from cli import die, entry_point, resolve_device, seed_everything
 from diffusion import SAMPLERS, STEPS, sample_many
 from noiserefine import load_refiner
 from safety import write_atomic
+from teacher import DEFAULT_TEACHER
+
+
+def build_parser():
+    p = cli.Parser(__doc__)
+    p.add_argument("--teacher", type=cli.checkpoint_file, default=None, help="teacher checkpoint (default: the one "
+                   f"--refiner was trained on, else {DEFAULT_TEACHER})")
+    p.add_argument("--refiner", type=cli.checkpoint_file, default=None, help="refiner checkpoint: sample from "
+                   "refined noise (w = 0)")
+    p.add_argument("--w", type=cli.number(0, 100), default=0.0, help="CFG scale, eps_c + w (eps_c - eps_u); 0 = none")
+    p.add_argument("--steps", type=cli.STEPS_1000, default=STEPS, help="sampling steps")
+    p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS), help="ddim (the paper's), euler, dpm2m")
+    p.add_argument("--labels", type=cli.integer(0, 10 ** 6), nargs="+", default=None, help="class ids (default: "
+                   "every class, up to 10)")
+    p.add_argument("--per-label", type=cli.integer(1, 10000), default=8, help="samples per label")
+    p.add_argument("--out", type=cli.path, default="samples/sample", help="output path without extension")
+    p.add_argument("--seed", type=cli.SEED, default=0, help="seeds the noises x_T")
+    p.add_argument("--device", type=cli.device, default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    return p
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--teacher", default="runs/teacher/ckpt.pt", help="teacher checkpoint")
-    p.add_argument("--refiner", default=None, help="refiner checkpoint: sample from refined noise (w = 0)")
-    p.add_argument("--w", type=float, default=0.0, help="CFG scale, eps_c + w (eps_c - eps_u); 0 = none")
-    p.add_argument("--steps", type=int, default=STEPS, help="sampling steps")
-    p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS), help="ddim (the paper's), euler, dpm2m")
-    p.add_argument("--labels", type=int, nargs="+", default=None, help="class ids (default: every class, up to 10)")
-    p.add_argument("--per-label", type=int, default=8, help="samples per label")
-    p.add_argument("--out", default="samples/sample", help="output path without extension")
-    p.add_argument("--seed", type=int, default=0, help="seeds the noises x_T")
-    p.add_argument("--device", default="auto")
-    args = p.parse_args(argv)
-    if args.w < 0 or args.steps < 1 or args.per_label < 1:
-        die("--w must be >= 0, --steps and --per-label >= 1")
+    args = build_parser().parse_args(argv)
     if args.refiner and args.w != 0:
         die("--refiner samples without guidance; leave --w at 0")
     return args
@@ -44,6 +50,9 @@ def main(argv=None):
     args = parse_args(argv)
     device = resolve_device(args.device)
     seed_everything(args.seed)
+    if args.teacher is None:  # a refiner names the teacher it was trained on
+        args.teacher = load_checkpoint(args.refiner, "refiner", "--refiner")["teacher"] if args.refiner \
+            else DEFAULT_TEACHER
     teacher, ckpt = load_teacher(args.teacher, device)
     K, size = len(ckpt["data"]["classes"]), ckpt["data"]["image_size"]
     labels = args.labels if args.labels is not None else list(range(min(K, 10)))
@@ -54,12 +63,21 @@ def main(argv=None):
         refiner = load_refiner(args.refiner, teacher, device)
     y = torch.tensor(labels).repeat_interleave(args.per_label)
     x_T = torch.randn((len(y), 3, size, size), generator=noises.generator("sample", args.seed))  # never a pair's
-    images = sample_many(teacher, x_T, y, args.steps, args.w, refiner=refiner, desc="sampling", sampler=args.sampler)
+    x_hat_T = refine_all(refiner, x_T, y, device) if refiner else x_T  # what the sampler starts from
+    images = sample_many(teacher, x_hat_T, y, args.steps, args.w, desc="sampling", sampler=args.sampler)
     data.save_grid(images, args.per_label, args.out + ".png")
-    write_atomic(args.out + ".npz", lambda f: np.savez(f, images=data.to_uint8(images).numpy(), labels=y.numpy(),
-                                                        x_T=x_T.numpy()))
+    write_atomic(args.out + ".npz", lambda f: np.savez(
+        f, images=data.to_uint8(images).numpy(), labels=y.numpy(), x_T=x_T.numpy(), x_hat_T=x_hat_T.numpy(),
+        w=args.w, steps=args.steps, sampler=args.sampler, teacher=args.teacher, refiner=args.refiner or ""))
     regime = "refined noise, no guidance" if refiner else f"Gaussian noise, w = {args.w}"
     print(f"wrote {args.out}.png and {args.out}.npz: {len(y)} samples, {regime}, {args.steps} {args.sampler} steps")
+
+
+@torch.no_grad()
+def refine_all(refiner, x_T, y, device, batch_size=250):
+    """x_hat_T = g_phi(x_T, c) in batches, back on the CPU."""
+    return torch.cat([refiner(x_T[i:i + batch_size].to(device), y[i:i + batch_size].to(device)).cpu()
+                      for i in range(0, len(y), batch_size)])
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from cli import make_out_dir, seed_everything
 from diffusion import STEPS, sample, training_loss
 from models import build_model, model_config
 from pairs import DISPLAY_W
-from safety import BadInput
+from safety import BadInput, on_interrupt
 
 
 DEFAULT_TEACHER = "runs/teacher/ckpt.pt"
@@ -45,7 +45,7 @@ class TeacherSettings:
     ema: float = 0.999
     hflip: bool = False     # random horizontal flips of the training images (natural photos only)
     amp: str = "none"       # "bf16": autocast the forward (accel.py)
-    grid_every: int = 1000
+    grid_every: int = 2500  # one grid, at the end: each costs the CPU default about 5 s (docs/speed.md)
     grid_w: float = DISPLAY_W
     save_every: int = 500
     seed: int = 0
@@ -84,8 +84,8 @@ def lr_at(step, s):
 
 @torch.no_grad()
 def update_ema(ema, model, decay):
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - decay)
+    """ema <- ema + (1 - decay) (model - ema), every tensor in one call (the same numbers as a loop)."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
 @torch.no_grad()
@@ -111,7 +111,8 @@ def setup(s, out, resume, device):
             raise BadInput(f"--resume: no checkpoint at {path} (--out {out})")
         ckpt = load_checkpoint(path, "teacher", flag="--resume")
         config, meta = ckpt["config"], ckpt["data"]
-        s = dataclasses.replace(s, dataset=meta["dataset"], data_dir=meta["data_dir"], image_size=meta["image_size"])
+        s = dataclasses.replace(s, dataset=meta["dataset"], data_dir=data.resolve_dir(meta["data_dir"]),
+                                image_size=meta["image_size"])
     train = data.load_dataset(s.dataset, s.data_dir, s.image_size, "train", s.download)
     if meta is None:
         try:
@@ -119,7 +120,7 @@ def setup(s, out, resume, device):
             build_model(config)
         except ValueError as e:
             raise BadInput(str(e)) from None
-        meta = {"dataset": s.dataset, "data_dir": s.data_dir, "image_size": train.images.shape[-1],
+        meta = {"dataset": s.dataset, "data_dir": data.portable_dir(s.data_dir), "image_size": train.images.shape[-1],
                 "classes": train.classes}
     if s.batch_size > len(train):
         raise BadInput(f"--batch-size {s.batch_size} is larger than the data set ({len(train)} images)")
@@ -159,43 +160,52 @@ def fit(s, out, device, resume=False, stop_at=None, compile=False, rank=0, world
     null_class = len(meta["classes"])
     last = min(s.steps, stop_at or s.steps)
 
+    saved = step if resume else None  # the step of the checkpoint on disk
+
+    def kept():
+        if saved is None:
+            return f"no checkpoint was written yet (one every {s.save_every} steps)"
+        return f"the checkpoint of step {saved} is kept in {out}; --resume continues from it"
+
     def save():
-        if rank > 0:
-            return
-        save_atomic({"kind": "teacher", "format": FORMAT, "config": config, "data": meta,
-                     "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                     "step": step, "losses": losses, "args": flags or dataclasses.asdict(s),
-                     "rng": {"gen": gen.get_state(), "torch": torch.get_rng_state()}},
-                    os.path.join(out, "ckpt.pt"))
+        nonlocal saved
+        if rank == 0:
+            save_atomic({"kind": "teacher", "format": FORMAT, "config": config, "data": meta,
+                         "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                         "step": step, "losses": losses, "args": flags or dataclasses.asdict(s),
+                         "rng": {"gen": gen.get_state(), "torch": torch.get_rng_state()}},
+                        os.path.join(out, "ckpt.pt"))
+        saved = step  # only once the file is whole
 
     bar = tqdm(range(step, last), initial=step, total=s.steps, desc="teacher", disable=rank > 0)
     start, first = time.perf_counter(), step
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, s)
-        x0, y = train.batch(torch.randint(len(train), (s.batch_size,), generator=gen))  # the global batch
-        if s.hflip:
-            x0 = torch.where(torch.rand(len(x0), 1, 1, 1, generator=gen) < 0.5, x0.flip(-1), x0)
-        x0 = to_channels_last(x0.to(device)) if channels_last else x0.to(device)
-        with autocast(device, s.amp):
-            loss = training_loss(net, x0, y.to(device), null_class, s.cond_drop, gen, mine)
-        global_loss = distributed.mean_over_ranks(loss).item()  # the global batch's loss; every rank agrees
-        if not math.isfinite(global_loss):
-            raise BadInput(f"loss is {global_loss} at step {step}; the last good checkpoint is kept in {out}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        update_ema(ema, model, min(s.ema, (1 + step) / (10 + step)))
-        losses.append(global_loss)
-        step += 1
-        img_per_s = (step - first) * s.batch_size / (time.perf_counter() - start)
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", img_s=f"{img_per_s:.0f}")
-        if step % s.save_every == 0 or step == last:
-            save()
-        if rank == 0 and (step % s.grid_every == 0 or step == s.steps):
-            write_grid(ema.eval(), meta["classes"], meta["image_size"], s.grid_w,
-                       os.path.join(out, f"samples_{step:06d}.png"), seed=s.seed)
+    with on_interrupt(lambda: f"at step {step}; {kept()}"):
+        for step in bar:
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, s)
+            x0, y = train.batch(torch.randint(len(train), (s.batch_size,), generator=gen))  # the global batch
+            if s.hflip:
+                x0 = torch.where(torch.rand(len(x0), 1, 1, 1, generator=gen) < 0.5, x0.flip(-1), x0)
+            x0 = to_channels_last(x0.to(device)) if channels_last else x0.to(device)
+            with autocast(device, s.amp):
+                loss = training_loss(net, x0, y.to(device), null_class, s.cond_drop, gen, mine)
+            global_loss = distributed.mean_over_ranks(loss).item()  # the global batch's loss; every rank agrees
+            if not math.isfinite(global_loss):
+                raise BadInput(f"loss is {global_loss} at step {step}; {kept()}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            update_ema(ema, model, min(s.ema, (1 + step) / (10 + step)))
+            losses.append(global_loss)
+            step += 1
+            img_per_s = (step - first) * s.batch_size / (time.perf_counter() - start)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", img_s=f"{img_per_s:.0f}")
+            if step % s.save_every == 0 or step == last:
+                save()
+            if rank == 0 and (step % s.grid_every == 0 or step == s.steps):
+                write_grid(ema.eval(), meta["classes"], meta["image_size"], s.grid_w,
+                           os.path.join(out, f"samples_{step:06d}.png"), seed=s.seed)
     log(f"done: step {step}, checkpoint {os.path.join(out, 'ckpt.pt')}, {time.perf_counter() - start:.0f} s")
     distributed.barrier()  # no rank leaves before rank 0 has written the checkpoint
 

@@ -15,7 +15,6 @@
    that is not the filter: unguided, CFG, refined-unguided, with 95% bootstrap intervals; metrics.json and
    a PNG grid with the regimes side by side.
 """
-import argparse
 import os
 import time
 
@@ -28,60 +27,81 @@ import noises
 import pairs
 import teacher as teachers
 from checkpoint import fingerprint, save_json
-from cli import HelpFormatter, die, entry_point, make_out_dir, resolve_device, seed_everything
+import cli
+from cli import die, entry_point, make_out_dir, resolve_device, seed_everything
 from data import save_grid
 from diffusion import STEPS
 from evaluate import judge_line, load_filter, load_judge, print_difference, print_regimes, run_regime
 from noiserefine import Refiner, Training, fit, lora_layers
 
 
-def parse_args(argv=None):
+def build_parser():
     t, s = Training(), pairs.PairSettings()  # the defaults, in one place
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--teacher", default=None, help=f"teacher checkpoint; None: {teachers.DEFAULT_TEACHER}, "
-                   "trained with train_teacher.py's defaults if missing")
-    p.add_argument("--pairs", type=int, default=s.count, help="guided pairs to generate (before filtering)")
-    p.add_argument("--pairs-dir", default=None, help="pair cache (None: next to the teacher, named by its settings)")
-    p.add_argument("--guide-steps", type=int, default=s.guide_steps, help="N': guided DDIM steps that make x0_guide")
-    p.add_argument("--w", type=float, default=None, help="one CFG scale for every pair (overrides --w-range)")
-    p.add_argument("--w-range", type=float, nargs=2, default=list(s.w_range), help="CFG scale drawn per pair")
-    p.add_argument("--pag", type=float, default=s.pag, help="PAG scale added to the pairs' guidance")
-    p.add_argument("--filter", type=float, default=pairs.FILTER, help="min confidence of the filter classifier in a "
-                   "kept pair (0: off)")
-    p.add_argument("--val-frac", type=float, default=pairs.VAL_FRAC, help="share of kept pairs held out for validation")
-    p.add_argument("--msd-steps", type=int, default=t.msd_steps, help="N: unguided DDIM steps inside the MSD loss")
-    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (the paper's choice; try 8 with --lr 1e-3); "
-                   "0 fine-tunes the whole copy, which did better on the 0.67M-parameter default teacher")
-    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (None: the rank)")
-    p.add_argument("--lr", type=float, default=t.lr)
-    p.add_argument("--adam-eps", type=float, default=t.adam_eps, help="AdamW's eps (noiserefine.fit says why it "
-                   "must stay small next to sqrt(v))")
-    p.add_argument("--batch-size", type=int, default=t.batch_size)
-    p.add_argument("--steps", type=int, default=t.steps, help="refiner training steps")
-    p.add_argument("--val-every", type=int, default=t.val_every)
-    p.add_argument("--eval-n", type=int, default=1000, help="held-out noises in the final table")
-    p.add_argument("--eval-steps", type=int, default=STEPS, help="DDIM steps of the final table")
+    p = cli.Parser(__doc__)
+    p.add_argument("--teacher", type=cli.checkpoint_file, default=None, help="teacher checkpoint (default: "
+                   f"{teachers.DEFAULT_TEACHER}, trained with train_teacher.py's defaults if missing)")
+    p.add_argument("--pairs", type=cli.integer(1, 10 ** 8), default=s.count, help="guided pairs to generate "
+                   "(before filtering)")
+    p.add_argument("--pairs-dir", type=cli.path, default=None, help="pair cache (default: next to the teacher, "
+                   "named by its settings)")
+    p.add_argument("--guide-steps", type=cli.STEPS_1000, default=s.guide_steps, help="N': guided DDIM steps that "
+                   "make x0_guide")
+    p.add_argument("--w", type=cli.number(0, 100), default=None, help="one CFG scale for every pair (overrides "
+                   "--w-range)")
+    p.add_argument("--w-range", type=cli.number(0, 100), nargs=2, default=list(s.w_range), help="CFG scale drawn "
+                   "per pair, low high")
+    p.add_argument("--pag", type=cli.number(0, 100), default=s.pag, help="PAG scale added to the pairs' guidance")
+    p.add_argument("--filter", type=cli.number(0, 1, hi_open=True), default=pairs.FILTER, help="min confidence of "
+                   "the filter classifier in a kept pair (0: off)")
+    p.add_argument("--val-frac", type=cli.number(0, 1, lo_open=True, hi_open=True), default=pairs.VAL_FRAC,
+                   help="share of kept pairs held out for validation")
+    p.add_argument("--msd-steps", type=cli.STEPS_1000, default=t.msd_steps, help="N: unguided DDIM steps inside "
+                   "the MSD loss")
+    p.add_argument("--lora-rank", type=cli.integer(0, 4096), default=0, help="LoRA rank (the paper's choice; try 8 "
+                   "with --lr 1e-3); 0 fine-tunes the whole copy, which did better on the 0.67M-parameter default "
+                   "teacher")
+    p.add_argument("--lora-alpha", type=cli.number(0, 1e6, lo_open=True), default=None, help="LoRA alpha "
+                   "(default: the rank)")
+    p.add_argument("--lr", type=cli.number(0, 1, lo_open=True), default=t.lr, help="peak AdamW learning rate")
+    p.add_argument("--adam-eps", type=cli.number(0, 1, lo_open=True), default=t.adam_eps, help="AdamW's eps "
+                   "(noiserefine.fit says why it must stay small next to sqrt(v))")
+    p.add_argument("--batch-size", type=cli.integer(1, 65536), default=t.batch_size, help="refiner batch")
+    p.add_argument("--steps", type=cli.integer(1), default=t.steps, help="refiner training steps")
+    p.add_argument("--val-every", type=cli.integer(1), default=t.val_every, help="validate and checkpoint every "
+                   "K steps")
+    p.add_argument("--eval-n", type=cli.integer(8, 10 ** 7), default=1000, help="held-out noises in the final table "
+                   "(precision and recall need a few per class)")
+    p.add_argument("--eval-steps", type=cli.STEPS_1000, default=STEPS, help="DDIM steps of the final table")
     p.add_argument("--fid", action="store_true", help="also Inception FID against the training set, and of the "
                    "refined samples against the CFG samples (needs pytorch-fid; fid.py)")
     p.add_argument("--bank", default="test", choices=noises.BANKS,
                    help="held-out noises of the final table: 'test' for reported results, 'dev' for choosing settings")
-    p.add_argument("--out", default="runs/refiner")
+    p.add_argument("--out", type=cli.path, default="runs/refiner", help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from --out/ckpt.pt")
-    p.add_argument("--stop-at", type=int, default=None, help="stop after this step as if interrupted (tests)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the pairs, the refiner's batches and its LoRA")
+    p.add_argument("--stop-at", type=cli.integer(1), default=None, help="stop after this step as if interrupted "
+                   "(tests)")
+    p.add_argument("--seed", type=cli.SEED, default=0, help="seeds the pairs, the refiner's batches and its LoRA")
     accel.add_flags(p, amp=True)  # the pairs' guided steps and the refiner's training; the final table stays fp32
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=cli.device, default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    return p
+
+
+# what --resume takes from the checkpoint: the refiner's shape, its pairs and their split
+RESUME_KEYS = ("teacher", "lora_rank", "lora_alpha", "pairs", "guide_steps", "w_range", "pag", "filter", "val_frac",
+               "seed", "amp", "msd_steps", "batch_size")
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
-    if args.steps < 1 or args.pairs < 1 or args.batch_size < 1:
-        die("--steps, --pairs and --batch-size must be >= 1")
-    if not 1 <= args.msd_steps <= 1000 or not 1 <= args.guide_steps <= 1000:
-        die(f"--msd-steps and --guide-steps must be in 1..1000, got {args.msd_steps} and {args.guide_steps}")
+    given = cli.given_flags(p, argv)
     if args.w is not None:
         args.w_range = [args.w, args.w]
-    if min(args.w_range) < 0 or args.w_range[0] > args.w_range[1] or args.pag < 0:
-        die(f"--w/--w-range must be >= 0 and low <= high, --pag >= 0; got {args.w_range}, {args.pag}")
-    if args.lora_rank < 0 or not 0 <= args.filter < 1 or not 0 < args.val_frac < 1:
-        die("--lora-rank must be >= 0, --filter in [0, 1), --val-frac in (0, 1)")
+        given.add("w_range")
+    if args.w_range[0] > args.w_range[1]:
+        die(f"--w-range must be low high, got {args.w_range[0]:g} {args.w_range[1]:g}")
+    if args.resume:
+        cli.resume_flags(args, given, os.path.join(args.out, "ckpt.pt"), "refiner", RESUME_KEYS)
     return args
 
 
@@ -112,13 +132,15 @@ def evaluate_regimes(teacher, refiner, judge, args, num_classes, image_size):
     return rows, differences, images, y
 
 
-def write_regime_grid(images, y, num_classes, path, per_class=6):
-    """One row per class (at most 10), the regimes side by side on the same noises and labels."""
+def write_regime_grid(images, y, num_classes, path, titles, per_class=6):
+    """One row per class (at most 10), the regimes side by side on the same noises and labels, each under
+    its title."""
     K = min(num_classes, 10)
     per_class = min(per_class, int(torch.bincount(y, minlength=K)[:K].min()))
     idx = torch.cat([torch.nonzero(y == k)[:per_class, 0] for k in range(K)])
     cols = [images[name][idx].view(K, per_class, *images[name].shape[1:]) for name in images]
-    save_grid(torch.cat(cols, 1).flatten(0, 1), per_class * len(cols), path)
+    save_grid(torch.cat(cols, 1).flatten(0, 1), per_class * len(cols), path,
+              header=[(titles[name], per_class) for name in images])
 
 
 @entry_point
@@ -130,8 +152,6 @@ def main(argv=None):
         make_out_dir(args.out)
     seed_everything(args.seed)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
-    if args.resume and not os.path.isfile(ckpt_path):  # say so before the slow parts
-        die(f"--resume: no checkpoint at {ckpt_path} (--out {args.out})")
     start = time.perf_counter()
     inception = fid.inception(device) if args.fid and rank == 0 else None  # a missing package fails here, not late
     teacher, tckpt, teacher_path = teachers.get_or_train(args.teacher, args.seed, device, rank, world)
@@ -178,7 +198,8 @@ def main(argv=None):
     save_json({"regimes": rows, "differences": differences, "fid": fid_rows, "judge": judge.info(),
                "filter": pair_filter.info(), "bank": args.bank, "teacher": teacher_path, "args": vars(args)},
               os.path.join(args.out, "metrics.json"))
-    write_regime_grid(images, y, K, os.path.join(args.out, "regimes.png"))
+    titles = {r["name"]: f"{r['name']} w={r['w']:g}" if r["w"] else r["name"] for r in rows}
+    write_regime_grid(images, y, K, os.path.join(args.out, "regimes.png"), titles)
     print(f"wrote {args.out}/metrics.json, {args.out}/regimes.png (columns: {', '.join(images)}); "
           f"total {time.perf_counter() - start:.0f} s")
 

@@ -8,52 +8,63 @@ Writes --out/ckpt.pt (atomically) and --out/samples_<step>.png: one row per clas
 on the left, CFG samples on the right. --resume continues exactly where the checkpoint stopped.
 The training loop is teacher.fit; this script reads the flags and calls it.
 """
-import argparse
 import dataclasses
+import os
 
 import accel
 import data
 import distributed
 import teacher
-from cli import HelpFormatter, die, entry_point, make_out_dir, resolve_device
+import cli
+from cli import entry_point, make_out_dir, resolve_device
 from models import PRESET_NAMES
 
-def parse_args(argv=None):
+def build_parser():
     d = teacher.TeacherSettings()  # the defaults, in one place
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = cli.Parser(__doc__)
     p.add_argument("--recipe", default="cpu", choices=teacher.RECIPES, help="defaults from a published recipe "
                    "(teacher.RECIPES names each source); the flags below override them")
     p.add_argument("--dataset", default=d.dataset, choices=data.DATASETS)
-    p.add_argument("--data-dir", default=d.data_dir, help="where the data set (and the classifiers' caches) live")
+    p.add_argument("--data-dir", type=cli.path, default=d.data_dir, help="where the data set (and the classifiers' "
+                   "caches) live")
     p.add_argument("--download", action="store_true", help="cifar10: fetch the archive if missing")
     p.add_argument("--model", default=d.model, choices=PRESET_NAMES)
-    p.add_argument("--image-size", type=int, default=d.image_size, help="None: the preset's size")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (split over torchrun's processes)")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps, then --lr-decay")
+    p.add_argument("--image-size", type=cli.integer(8, 512), default=d.image_size, help="None: the preset's size")
+    p.add_argument("--batch-size", type=cli.integer(1, 65536), default=d.batch_size, help="global batch (split over "
+                   "torchrun's processes)")
+    p.add_argument("--lr", type=cli.number(0, 1, lo_open=True), default=d.lr, help="peak AdamW learning rate")
+    p.add_argument("--warmup", type=cli.integer(0), default=d.warmup, help="linear warm-up steps, then --lr-decay")
     p.add_argument("--lr-decay", default=d.lr_decay, choices=["cosine", "none"], help="after the warm-up: cosine "
                    "to 10%% of --lr, or constant")
     p.add_argument("--hflip", action="store_true", default=d.hflip, help="random horizontal flips (photos only)")
-    p.add_argument("--steps", type=int, default=d.steps, help="total training steps")
-    p.add_argument("--cond-drop", type=float, default=d.cond_drop, help="probability of the null label (for CFG)")
-    p.add_argument("--ema", type=float, default=d.ema, help="EMA decay of the weights used for sampling")
-    p.add_argument("--grid-every", type=int, default=d.grid_every, help="write a sample grid every K steps")
-    p.add_argument("--grid-w", type=float, default=d.grid_w, help="CFG scale of the grid's right half")
-    p.add_argument("--save-every", type=int, default=d.save_every, help="write the checkpoint every K steps")
-    p.add_argument("--seed", type=int, default=d.seed, help="seeds the weights, the batches and the grid's noises")
-    p.add_argument("--out", default="runs/teacher", help="output folder")
+    p.add_argument("--steps", type=cli.integer(1), default=d.steps, help="total training steps")
+    p.add_argument("--cond-drop", type=cli.number(0, 1, hi_open=True), default=d.cond_drop,
+                   help="probability of the null label (for CFG)")
+    p.add_argument("--ema", type=cli.number(0, 1, hi_open=True), default=d.ema,
+                   help="EMA decay of the weights used for sampling")
+    p.add_argument("--grid-every", type=cli.integer(1), default=d.grid_every, help="write a sample grid every K steps")
+    p.add_argument("--grid-w", type=cli.number(0, 100), default=d.grid_w, help="CFG scale of the grid's right half")
+    p.add_argument("--save-every", type=cli.integer(1), default=d.save_every, help="write the checkpoint every K steps")
+    p.add_argument("--seed", type=cli.SEED, default=d.seed, help="seeds the weights, the batches and the grid's noises")
+    p.add_argument("--out", type=cli.path, default="runs/teacher", help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from --out/ckpt.pt")
-    p.add_argument("--stop-at", type=int, default=None, help="stop after this step as if interrupted (tests)")
+    p.add_argument("--stop-at", type=cli.integer(1), default=None, help="stop after this step as if interrupted "
+                   "(tests)")
     accel.add_flags(p, amp=True, compile=True, channels_last=True)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", type=cli.device, default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    return p
+
+
+RESUME_KEYS = ("dataset", "data_dir", "model", "image_size")  # what --resume takes from the checkpoint
+
+
+def parse_args(argv=None):
+    p = build_parser()
     recipe, _ = p.parse_known_args(argv)
-    if recipe.recipe in teacher.RECIPES:  # else parse_args below names the bad choice
-        p.set_defaults(**teacher.RECIPES[recipe.recipe])
+    p.set_defaults(**teacher.RECIPES[recipe.recipe])
     args = p.parse_args(argv)
-    if args.steps < 1:
-        die(f"--steps must be >= 1, got {args.steps}")
-    if args.batch_size < 1 or args.lr <= 0 or not 0 <= args.cond_drop < 1 or not 0 <= args.ema < 1:
-        die("--batch-size must be >= 1, --lr > 0, --cond-drop and --ema in [0, 1)")
+    if args.resume:
+        cli.resume_flags(args, cli.given_flags(p, argv), os.path.join(args.out, "ckpt.pt"), "teacher", RESUME_KEYS)
     return args
 
 

@@ -26,3 +26,19 @@ def test_bench_writes_every_table_with_counted_forwards(tmp_path):
     assert all(r["sec_per_step"] > 0 for r in report["msd"])
     assert report["teacher"][0]["model"] == "dit-tiny" and report["teacher"][0]["img_per_s"] > 0
     assert "refined/cfg" in result.stdout and "full/msd" in result.stdout
+
+
+def test_load_check_reports_both_statistics_quiet_and_busy(tmp_path):
+    """The plumbing of --load-check (whether the ratio holds on a busy machine is measured, not asserted:
+    docs/speed.md has the numbers)."""
+    out = tmp_path / "load.json"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--load-check", "--models", "unet-tiny",
+                             "--steps", "2", "--batch-size", "4", "--repeats", "2", "--device", "cpu",
+                             "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    check = json.load(open(out))["load_check"]
+    for machine in ("quiet", "busy"):
+        r = check[machine]
+        assert r["best"] > 0 and r["min"] <= r["median"] <= r["max"]
+    assert abs(check["change_best"] - (check["busy"]["best"] / check["quiet"]["best"] - 1)) < 1e-12
+    assert "fastest rounds" in result.stdout and "busy" in result.stdout

@@ -75,3 +75,26 @@ def test_refiner_on_another_teacher_is_a_clear_error(tmp_path, capsys):
                        torch.ones(1, 3, 8, 8))
     with pytest.raises(BadInput, match="trained on teacher"):
         load_refiner(path, other)
+
+
+def test_a_failed_write_is_one_line_naming_the_path_and_leaves_no_temporary_file(tmp_path):
+    import errno
+    from safety import write_atomic
+
+    def disk_full(f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(BadInput, match=r"cannot write .*ckpt.pt \(No space left on device\)"):
+        write_atomic(str(tmp_path / "ckpt.pt"), disk_full)
+    assert os.listdir(tmp_path) == []  # the temporary file is gone, so it cannot keep the disk full
+
+    def torch_zip_writer_fails(f):  # how torch.save reports a full disk
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file")
+    with pytest.raises(BadInput, match="PytorchStreamWriter failed writing file"):
+        write_atomic(str(tmp_path / "ckpt.pt"), torch_zip_writer_fails)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(BadInput, match="cannot write .*a_file/sub/ckpt.pt"):
+        save_atomic({"x": 1}, str(tmp_path / "a_file" / "sub" / "ckpt.pt"))
+    with pytest.raises(ZeroDivisionError):  # anything else is a bug, and stays a traceback
+        write_atomic(str(tmp_path / "other.pt"), lambda f: 1 / 0)
+    assert sorted(os.listdir(tmp_path)) == ["a_file"]

@@ -59,6 +59,12 @@ def make_bad_files(t):
     save_atomic({"kind": "refiner", "format": FORMAT, "teacher_fingerprint": fingerprint(other), "rank": 0,
                  "alpha": 0, "best": refiner.trainable_state()}, str(t / "other_refiner.pt"))
     assert fingerprint(teacher) != fingerprint(other)
+    (t / "resume_t").mkdir()
+    save_atomic({"kind": "teacher", "format": FORMAT, "args": {"model": "unet-tiny", "dataset": "shapes"}},
+                str(t / "resume_t" / "ckpt.pt"))
+    (t / "resume_r").mkdir()
+    save_atomic({"kind": "refiner", "format": FORMAT, "args": {"lora_rank": 0, "pairs": 10000}},
+                str(t / "resume_r" / "ckpt.pt"))
     return t
 
 
@@ -68,22 +74,25 @@ def files(tmp_path_factory):
 
 
 CASES = [
-    (("train_teacher.py", "--steps", "0"), "--steps must be >= 1"),
+    (("train_teacher.py", "--steps", "0"), "argument --steps: expected an integer >= 1"),
     (("train_teacher.py", "--dataset", "cifar10", "--data-dir", "{t}/empty"), "cifar-10-python.tar.gz"),
     (("train_teacher.py", "--dataset", "imagenet64", "--data-dir", "{t}/empty"), "train_data_batch_*.npz"),
     (("train_teacher.py", "--dataset", "folder", "--data-dir", "{t}/nowhere"), "--data-dir {t}/nowhere: not a folder"),
     (("train_teacher.py", "--model", "dit-tiny", "--image-size", "18", "--out", "{t}/o"), "not divisible by the DiT patch"),
     (("train_teacher.py", "--device", "cuda", "--out", "{t}/o"), "CUDA is not available"),
     (("train_teacher.py", "--resume", "--out", "{t}/empty"), "--resume: no checkpoint"),
-    (("train_teacher.py", "--out", "{t}/a_file/sub"), "cannot create the output folder"),
+    (("train_teacher.py", "--out", "{t}/a_file/sub"), "argument --out: '{t}/a_file/sub' lies under '{t}/a_file', which is a file"),
     (("train_teacher.py", "--batch-size", "30000", "--out", "{t}/o"), "larger than the data set"),
-    (("train_refiner.py", "--teacher", "{t}/garbage.pt", "--out", "{t}/o"), "not a readable teacher checkpoint"),
+    (("train_refiner.py", "--teacher", "{t}/garbage.pt", "--out", "{t}/o"), "is not a checkpoint (a checkpoint is a zip"),
     (("train_refiner.py", "--teacher", "{t}/missing.pt", "--out", "{t}/o"), "no such file"),
-    (("train_refiner.py", "--w", "-1"), "--w/--w-range must be >= 0"),
-    (("train_refiner.py", "--msd-steps", "2000"), "--msd-steps and --guide-steps must be in 1..1000"),
-    (("train_refiner.py", "--steps", "-3"), "must be >= 1"),
-    (("sample.py", "--teacher", "{t}/garbage.pt"), "not a readable teacher checkpoint"),
-    (("sample.py", "--w", "-2"), "--w must be >= 0"),
+    (("train_refiner.py", "--w", "-1"), "argument --w: expected a number in [0, 100], got -1"),
+    (("train_refiner.py", "--w", "nan"), "argument --w: expected a number in [0, 100], got nan"),
+    (("train_refiner.py", "--w-range", "4", "2"), "--w-range must be low high, got 4 2"),
+    (("train_refiner.py", "--msd-steps", "2000"), "argument --msd-steps: expected an integer in 1..1000, got 2000"),
+    (("train_refiner.py", "--val-every", "0"), "argument --val-every: expected an integer >= 1"),
+    (("sample.py", "--teacher", "{t}/garbage.pt"), "is not a checkpoint"),
+    (("sample.py", "--teacher", "{t}/empty"), "is not a file"),
+    (("sample.py", "--w", "inf"), "argument --w: expected a number in [0, 100], got inf"),
     (("evaluate.py", "--teacher", "{t}/missing.pt"), "no such file"),
     (("train_teacher.py", "--dataset", "cifar10", "--data-dir", "{t}/wrongtar"), "not the CIFAR-10 python archive"),
     (("train_teacher.py", "--dataset", "cifar10", "--data-dir", "{t}/cut"), "not a CIFAR-10 python batch"),
@@ -96,16 +105,21 @@ CASES = [
     (("sample.py", "--teacher", "{t}/teacher_v2.pt"), "checkpoint format 2 but this code reads format 1"),
     (("sample.py", "--teacher", "{t}/teacher.pt", "--refiner", "{t}/other_refiner.pt"), "was trained on teacher"),
     (("sample.py", "--teacher", "{t}/teacher.pt", "--refiner", "{t}/teacher.pt"), "expected a refiner checkpoint"),
-    (("sample.py", "--steps", "0"), "--steps and --per-label >= 1"),
+    (("sample.py", "--steps", "5000"), "argument --steps: expected an integer in 1..1000, got 5000"),
     (("train_refiner.py", "--teacher", "{t}/teacher.pt", "--resume", "--out", "{t}/empty"), "--resume: no checkpoint"),
-    (("train_refiner.py", "--lora-rank", "-1"), "--lora-rank must be >= 0"),
+    (("train_teacher.py", "--resume", "--out", "{t}/resume_t", "--model", "dit-tiny"),
+     "--resume: {t}/resume_t/ckpt.pt was trained with --model unet-tiny, not dit-tiny; leave --model out"),
+    (("train_refiner.py", "--resume", "--out", "{t}/resume_r", "--lora-rank", "8"),
+     "--resume: {t}/resume_r/ckpt.pt was trained with --lora-rank 0, not 8"),
+    (("train_refiner.py", "--lora-rank", "-1"), "argument --lora-rank: expected an integer in 0..4096"),
     (("train_refiner.py", "--teacher", "{t}/teacher.pt", "--device", "cuda"), "CUDA is not available"),
     (("analyze.py", "diff", "--teacher", "{t}/teacher.pt", "--refiner", "{t}/missing.pt"),
-     "--refiner {t}/missing.pt: no such file"),
-    (("analyze.py", "layout", "--n", "5"), "--n must be >= 20"),
-    (("ablate.py", "--steps", "0"), "--steps, --pairs and --batch-size must be >= 1"),
-    (("ablate.py", "--seeds", "0", "0"), "--seeds must differ from each other"),
-    (("bench.py", "--models", "resnet"), "--models/--teacher-models 'resnet' is not one of"),
+     "argument --refiner: '{t}/missing.pt': no such file"),
+    (("analyze.py", "layout", "--n", "5"), "argument --n: expected an integer in 20..1000000"),
+    (("analyze.py", "diff", "--device", "mps"), "argument --device: expected auto, cpu, cuda or cuda:N, got 'mps'"),
+    (("ablate.py", "--steps", "0"), "argument --steps: expected an integer >= 1"),
+    (("ablate.py", "--teacher", "{t}/teacher.pt", "--seeds", "0", "0"), "--seeds must differ from each other"),
+    (("bench.py", "--models", "resnet"), "argument --models: invalid choice: 'resnet'"),
     (("make_assignment.py", "--out", "{t}/a_file"), "exists and is not an empty folder"),
 ]
 

@@ -128,3 +128,12 @@ def test_download_with_a_wrong_md5_deletes_the_partial_file(tmp_path):
     md5 = hashlib.md5(source.read_bytes()).hexdigest()
     safety.fetch(source.as_uri(), str(target), md5)  # the right MD5: kept, and readable
     assert len(data.load_dataset("cifar10", str(tmp_path / "data"), split="test")) == 4
+
+
+def test_a_16_bit_png_is_scaled_to_8_bits_not_clipped(tmp_path):
+    """Pillow's convert('RGB') clips 16-bit grey values at 255: a mid-grey ramp would read almost white."""
+    ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    assert Image.open(tmp_path / "ramp16.png").mode.startswith("I")
+    pixels = data.read_image(str(tmp_path / "ramp16.png"), 32)
+    assert abs(pixels.mean() - 127.5) < 2 and pixels.min() < 5 and pixels.max() > 250

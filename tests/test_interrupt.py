@@ -61,6 +61,28 @@ def test_teacher_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert same_tensors(a["model"], b["model"]) and same_tensors(a["ema"], b["ema"])
 
 
+def test_ctrl_c_in_training_is_one_line_saying_what_was_kept(tmp_path):
+    """SIGINT (Ctrl-C) mid-run: exit 130, no traceback, one line naming the step and the kept checkpoint,
+    and that checkpoint is whole and of the step the line names."""
+    folder = make_folder(tmp_path / "images")
+    out, ckpt = tmp_path / "t", tmp_path / "t" / "ckpt.pt"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_teacher.py"), "--dataset", "folder",
+                             "--data-dir", folder, "--image-size", "8", "--batch-size", "8", "--steps", "100000",
+                             "--save-every", "10", "--grid-every", "100000", "--out", str(out), "--device", "cpu"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not ckpt.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be interrupted"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    saved = load(ckpt)["step"]
+    assert last.startswith("interrupted at step ") and f"the checkpoint of step {saved} is kept in {out}" in last
+    assert "--resume continues" in last and not (out / "ckpt.pt.tmp").exists()
+
+
 def test_pairs_and_refiner_killed_mid_run_resume_to_the_uninterrupted_result(tmp_path, monkeypatch):
     common = ["--teacher", tiny_teacher(tmp_path, monkeypatch), "--pairs", "2000", "--guide-steps", "2",
               "--msd-steps", "2", "--steps", "150", "--val-every", "10", "--batch-size", "4", "--filter", "0",
