@@ -206,6 +206,8 @@ CACHE_VERSION = 2  # bump when a row's training or scoring changes in a way its 
 def settings(row, seed, args, ctx):
     """Everything a cached row depends on: a change to any of them reruns the row."""
     training = dataclasses.asdict(row_training(row, args, seed)) if row in TRAINED else None
+    if training and training["amp"] == "none":
+        del training["amp"]  # rows cached before --amp existed stay valid (they ran in fp32)
     return {"version": CACHE_VERSION, "row": row, "seed": seed, "pairs": args.pairs, "filter": args.filter,
             **ctx["fingerprints"], "bank": args.bank, "eval_n": args.eval_n, "small_w": args.small_w,
             "change": TRAINED.get(row), "training": training}

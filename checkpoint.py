@@ -56,7 +56,8 @@ def load_checkpoint(path, kind, flag="--teacher"):
 def load_teacher(path, device="cpu", flag="--teacher"):
     """(EMA teacher in eval mode with frozen weights, checkpoint dict)."""
     ckpt = load_checkpoint(path, "teacher", flag)
-    ckpt["data"]["data_dir"] = resolve_dir(ckpt["data"]["data_dir"])  # found from any working directory
+    if "data_dir" in ckpt.get("data", {}):
+        ckpt["data"]["data_dir"] = resolve_dir(ckpt["data"]["data_dir"])  # found from any working directory
     model = build_model(ckpt["config"])
     model.load_state_dict(ckpt["ema"])
     model.requires_grad_(False)

@@ -30,7 +30,8 @@ class Parser(argparse.ArgumentParser):
     ('error: argument --lr: expected a number > 0, got -1'), exit 2, before any work starts."""
 
     def __init__(self, description):
-        super().__init__(description=description, formatter_class=HelpFormatter)
+        # no abbreviations: '--msd 5' must not pass as --msd-steps unseen by given_flags (and --resume)
+        super().__init__(description=description, formatter_class=HelpFormatter, allow_abbrev=False)
 
     def error(self, message):
         die(message)
@@ -175,17 +176,18 @@ def given_flags(parser, argv):
             if any(arg == opt or arg.startswith(opt + "=") for opt in a.option_strings for arg in argv)}
 
 
-def resume_flags(args, given, path, kind, keys):
+def resume_flags(args, given, path, kind, keys, changeable=()):
     """--resume continues the run in `path`, so the flags in `keys` (those that shape the model or its data)
     are the checkpoint's: one written on the command line with another value is refused in one line, one
-    left at its default is taken from the checkpoint, and said."""
+    left at its default is taken from the checkpoint, and said. Flags in `changeable` (say, the number of
+    steps) are the checkpoint's too unless written on the command line."""
     from checkpoint import load_checkpoint  # checkpoint.py knows the models, which cli.py otherwise need not
     if not os.path.isfile(path):
         die(f"--resume: no checkpoint at {path} (--out {args.out})")
     stored = load_checkpoint(path, kind, "--resume").get("args") or {}
     taken = []
-    for key in keys:
-        if key not in stored or stored[key] == getattr(args, key):
+    for key in (*keys, *changeable):
+        if key not in stored or stored[key] == getattr(args, key) or key in changeable and key in given:
             continue
         flag = "--" + key.replace("_", "-")
         if key in given:

@@ -57,7 +57,12 @@ def portable_dir(path):
 
 
 def resolve_dir(stored):
-    return stored if os.path.isabs(stored) else os.path.join(ROOT, stored)
+    """A stored --data-dir as a path: relative ones from this repository, or, for checkpoints written before
+    portable_dir, from the working directory when only that one exists."""
+    if os.path.isabs(stored):
+        return stored
+    here = os.path.join(ROOT, stored)
+    return stored if not os.path.exists(here) and os.path.exists(stored) else here
 
 
 def load_dataset(name, data_dir="data", image_size=None, split="train", download=False):

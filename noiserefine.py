@@ -245,7 +245,7 @@ def fit(refiner, teacher, train_pairs, val, t, device, ckpt_path, meta, resume=F
     refiner, in eval mode, with the weights of the best validation loss: a cloned snapshot, so later steps
     do not move it. resume continues from ckpt_path; stop_at stops there as if interrupted (tests)."""
     params = [p for p in refiner.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=0.0, eps=t.adam_eps)
+    opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=0.0, eps=t.adam_eps, foreach=True)  # as teacher.setup
     gen = torch.Generator().manual_seed(t.seed)  # the batches
     torch.manual_seed(t.seed)  # dropout, where a preset has it, draws from the global generator
     scale = prod_a(t.msd_steps) ** 2

@@ -126,8 +126,10 @@ def setup(s, out, resume, device):
         raise BadInput(f"--batch-size {s.batch_size} is larger than the data set ({len(train)} images)")
     model = build_model(config).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    # fused AdamW: one kernel for all parameters on CUDA (CPU keeps the default, bit-identical to before)
-    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=0.0, fused=device.startswith("cuda") or None)
+    # fused AdamW on CUDA (one kernel for all parameters); on the CPU the foreach form, which gives the same
+    # weights as the per-tensor loop bit for bit and saves 4% of a step (docs/speed.md)
+    fast = {"fused": True} if device.startswith("cuda") else {"foreach": True}
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=0.0, **fast)
     gen = torch.Generator().manual_seed(s.seed)
     step, losses = 0, []
     if ckpt is not None:

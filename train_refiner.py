@@ -87,7 +87,7 @@ def build_parser():
 
 
 # what --resume takes from the checkpoint: the refiner's shape, its pairs and their split
-RESUME_KEYS = ("teacher", "lora_rank", "lora_alpha", "pairs", "guide_steps", "w_range", "pag", "filter", "val_frac",
+RESUME_KEYS = ("lora_rank", "lora_alpha", "pairs", "guide_steps", "w_range", "pag", "filter", "val_frac",
                "seed", "amp", "msd_steps", "batch_size")
 
 

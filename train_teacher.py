@@ -8,6 +8,7 @@ Writes --out/ckpt.pt (atomically) and --out/samples_<step>.png: one row per clas
 on the left, CFG samples on the right. --resume continues exactly where the checkpoint stopped.
 The training loop is teacher.fit; this script reads the flags and calls it.
 """
+import argparse
 import dataclasses
 import os
 
@@ -36,7 +37,8 @@ def build_parser():
     p.add_argument("--warmup", type=cli.integer(0), default=d.warmup, help="linear warm-up steps, then --lr-decay")
     p.add_argument("--lr-decay", default=d.lr_decay, choices=["cosine", "none"], help="after the warm-up: cosine "
                    "to 10%% of --lr, or constant")
-    p.add_argument("--hflip", action="store_true", default=d.hflip, help="random horizontal flips (photos only)")
+    p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=d.hflip, help="random horizontal "
+                   "flips (photos only)")
     p.add_argument("--steps", type=cli.integer(1), default=d.steps, help="total training steps")
     p.add_argument("--cond-drop", type=cli.number(0, 1, hi_open=True), default=d.cond_drop,
                    help="probability of the null label (for CFG)")
@@ -55,16 +57,25 @@ def build_parser():
     return p
 
 
-RESUME_KEYS = ("dataset", "data_dir", "model", "image_size")  # what --resume takes from the checkpoint
+# what --resume takes from the checkpoint, refusing another value on the command line: the data, the model
+# and how it is trained; and what it takes unless given: how long, how often it saves and draws
+RESUME_KEYS = ("recipe", "dataset", "model", "image_size", "batch_size", "lr", "warmup", "lr_decay",
+               "hflip", "cond_drop", "ema", "amp", "seed")
+RESUME_CHANGEABLE = ("steps", "save_every", "grid_every", "grid_w")
 
 
 def parse_args(argv=None):
     p = build_parser()
-    recipe, _ = p.parse_known_args(argv)
-    p.set_defaults(**teacher.RECIPES[recipe.recipe])
+    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # --recipe first: it sets the defaults
+    first.error = cli.die  # one line, like the full parser
+    first.add_argument("--recipe", default="cpu")
+    recipe = first.parse_known_args(argv)[0].recipe
+    if recipe in teacher.RECIPES:  # else parse_args below names the bad choice
+        p.set_defaults(**teacher.RECIPES[recipe])
     args = p.parse_args(argv)
     if args.resume:
-        cli.resume_flags(args, cli.given_flags(p, argv), os.path.join(args.out, "ckpt.pt"), "teacher", RESUME_KEYS)
+        cli.resume_flags(args, cli.given_flags(p, argv), os.path.join(args.out, "ckpt.pt"), "teacher", RESUME_KEYS,
+                         RESUME_CHANGEABLE)
     return args
 
 

@@ -147,11 +147,12 @@ def test_fid_plumbing_with_a_stand_in_feature_extractor(tmp_path, monkeypatch):
 def test_fid_without_pytorch_fid_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "pytorch_fid.inception", None)  # as if not installed
     monkeypatch.setitem(sys.modules, "pytorch_fid", None)
+    torch.save({}, tmp_path / "any.pt")  # a checkpoint file: --fid is checked before it is read
     with pytest.raises(SystemExit) as e:
-        evaluate.main(["--teacher", str(tmp_path / "none.pt"), "--fid", "--device", "cpu"])
+        evaluate.main(["--teacher", str(tmp_path / "any.pt"), "--fid", "--device", "cpu"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "pytorch-fid" in err[0]
+    assert len(err) == 1 and "needs the optional package pytorch-fid" in err[0]
 
 
 def test_gpu_check_without_cuda_says_so_in_one_line(tmp_path):
