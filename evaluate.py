@@ -148,10 +148,11 @@ class Trained:
         return probs.gather(1, labels[:, None]).squeeze(1)
 
 
-def load_or_train(spec, dataset, data_dir, image_size, device="cpu"):
-    """The classifier of `spec`, trained once on its half of the training images and cached next to the data."""
+def load_or_train(spec, dataset, data_dir, image_size, device="cpu", steps=None):
+    """The classifier of `spec`, trained once on its half of the training images (for `steps`, default
+    CLASSIFIER_STEPS) and cached next to the data."""
     test = data.load_dataset(dataset, data_dir, image_size, "test")
-    flip, steps = dataset in MIRROR_SAFE, CLASSIFIER_STEPS
+    flip, steps = dataset in MIRROR_SAFE, steps or CLASSIFIER_STEPS
     path = classifier_path(dataset, data_dir, test, spec, flip, steps)
     if os.path.isfile(path):
         ckpt = load_checkpoint(path, "classifier", flag="classifier cache")
@@ -169,12 +170,12 @@ def load_or_train(spec, dataset, data_dir, image_size, device="cpu"):
     return Trained(net, spec, acc, device), test
 
 
-def load_filter(dataset, data_dir, image_size, device="cpu"):
-    return load_or_train(FILTER, dataset, data_dir, image_size, device)[0]
+def load_filter(dataset, data_dir, image_size, device="cpu", steps=None):
+    return load_or_train(FILTER, dataset, data_dir, image_size, device, steps)[0]
 
 
-def load_judge(dataset, data_dir, image_size, device="cpu"):
-    return Judge(*load_or_train(JUDGE, dataset, data_dir, image_size, device))
+def load_judge(dataset, data_dir, image_size, device="cpu", steps=None):
+    return Judge(*load_or_train(JUDGE, dataset, data_dir, image_size, device, steps))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from safety import BadInput, on_interrupt
 
 
 DEFAULT_TEACHER = "runs/teacher/ckpt.pt"
+QUICK_TEACHER = "runs/quick/teacher/ckpt.pt"  # train_refiner.py --quick: a look at the pipeline, not a result
 
 
 @dataclasses.dataclass
@@ -212,12 +213,15 @@ def fit(s, out, device, resume=False, stop_at=None, compile=False, rank=0, world
     distributed.barrier()  # no rank leaves before rank 0 has written the checkpoint
 
 
-def get_or_train(path, seed, device, rank=0, world=1):
+def get_or_train(path, seed, device, rank=0, world=1, quick=False):
     """(teacher, checkpoint, path): the teacher at `path`; with path None, the default teacher, trained with
-    TeacherSettings' defaults (or finished, if a run was interrupted) first, by every torchrun process."""
+    TeacherSettings' defaults (or finished, if a run was interrupted) first, by every torchrun process.
+    quick: the quick-look teacher instead, 300 steps (train_refiner.py --quick)."""
     if path is None:
-        path = DEFAULT_TEACHER
-        done = os.path.isfile(path) and load_checkpoint(path, "teacher")["step"] >= TeacherSettings().steps
+        path = QUICK_TEACHER if quick else DEFAULT_TEACHER
+        settings = TeacherSettings(seed=seed, steps=300, grid_every=300, save_every=300) if quick \
+            else TeacherSettings(seed=seed)
+        done = os.path.isfile(path) and load_checkpoint(path, "teacher")["step"] >= settings.steps
         distributed.barrier()  # every rank has read `done` before rank 0 writes
         if not done:
             out = os.path.dirname(path)
@@ -225,6 +229,6 @@ def get_or_train(path, seed, device, rank=0, world=1):
                 print(f"no finished teacher at {path}: training the default teacher first")
                 make_out_dir(out)
             distributed.barrier()
-            fit(TeacherSettings(seed=seed), out, device, resume=os.path.isfile(path), rank=rank, world=world)
+            fit(settings, out, device, resume=os.path.isfile(path), rank=rank, world=world)
     model, ckpt = load_teacher(path, device)
     return model, ckpt, path

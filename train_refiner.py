@@ -81,6 +81,10 @@ def build_parser():
     p.add_argument("--stop-at", type=cli.integer(1), default=None, help="stop after this step as if interrupted "
                    "(tests)")
     p.add_argument("--seed", type=cli.SEED, default=0, help="seeds the pairs, the refiner's batches and its LoRA")
+    p.add_argument("--quick", action="store_true", help="a look at the whole pipeline in about a minute and a half: "
+                   f"a 300-step teacher ({teachers.QUICK_TEACHER}), classifiers of {QUICK_CLASSIFIER_STEPS} steps, "
+                   "and, unless given, 1,000 pairs, no filter, 100 refiner steps, 200 held-out noises, --out runs/quick/refiner; "
+                   "its numbers say little")
     accel.add_flags(p, amp=True)  # the pairs' guided steps and the refiner's training; the final table stays fp32
     p.add_argument("--device", type=cli.device, default="auto", help="auto, cpu, cuda, cuda:1, ...")
     return p
@@ -91,10 +95,19 @@ RESUME_KEYS = ("lora_rank", "lora_alpha", "pairs", "guide_steps", "w_range", "pa
                "seed", "amp", "msd_steps", "batch_size")
 
 
+# --quick: a 300-step teacher's guided images rarely convince the filter, so it is off
+QUICK = {"pairs": 1000, "steps": 100, "val_every": 50, "eval_n": 200, "filter": 0.0, "out": "runs/quick/refiner"}
+QUICK_CLASSIFIER_STEPS = 150
+
+
 def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
     given = cli.given_flags(p, argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            if key not in given:
+                setattr(args, key, value)
     if args.w is not None:
         args.w_range = [args.w, args.w]
         given.add("w_range")
@@ -154,14 +167,15 @@ def main(argv=None):
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     start = time.perf_counter()
     inception = fid.inception(device) if args.fid and rank == 0 else None  # a missing package fails here, not late
-    teacher, tckpt, teacher_path = teachers.get_or_train(args.teacher, args.seed, device, rank, world)
+    teacher, tckpt, teacher_path = teachers.get_or_train(args.teacher, args.seed, device, rank, world, args.quick)
     args.teacher = teacher_path
     teacher_fp = fingerprint(teacher)
     ds = tckpt["data"]
     K, size = len(ds["classes"]), ds["image_size"]
     # rank 0 trains and caches the classifiers; the other ranks then read them
-    pair_filter = distributed.main_first(lambda: load_filter(ds["dataset"], ds["data_dir"], size, device))
-    judge = load_judge(ds["dataset"], ds["data_dir"], size, device) if rank == 0 else None
+    steps = QUICK_CLASSIFIER_STEPS if args.quick else None  # None: evaluate.CLASSIFIER_STEPS
+    pair_filter = distributed.main_first(lambda: load_filter(ds["dataset"], ds["data_dir"], size, device, steps))
+    judge = load_judge(ds["dataset"], ds["data_dir"], size, device, steps) if rank == 0 else None
     settings = pair_settings(args)
     folder = args.pairs_dir or pairs.cache_dir(settings, teacher_path, teacher_fp)
     if rank == 0:

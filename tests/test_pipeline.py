@@ -119,3 +119,19 @@ def test_pair_shards_resume_identically(tmp_path, monkeypatch):
     assert torch.equal(doubted["conf"], torch.full((30,), 0.25))
     assert all(torch.equal(first[k], doubted[k]) for k in first if k != "conf")
     assert torch.load(os.path.join(folder, "shard_00000.pt"), weights_only=True)["filter"] == "doubtful"
+
+
+def test_quick_look_runs_every_stage_in_a_fresh_folder(tmp_path):
+    """README's smoke run, as a newcomer types it: teacher, classifiers, pairs, refiner and table, from a
+    folder with nothing in it (about a minute and a half on 2 cores)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, os.path.join(root, "train_refiner.py"), "--quick", "--device", "cpu"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.load(open(tmp_path / "runs" / "quick" / "refiner" / "metrics.json"))
+    assert [r["name"] for r in report["regimes"]] == ["unguided", "cfg", "cfg_top", "refined"]
+    assert report["args"]["quick"] and report["args"]["eval_n"] == 200 and report["args"]["steps"] == 100
+    assert (tmp_path / "runs" / "quick" / "teacher" / "ckpt.pt").exists()
+    assert (tmp_path / "runs" / "quick" / "refiner" / "regimes.png").exists()
