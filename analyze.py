@@ -34,7 +34,7 @@ from cli import entry_point, print_table, resolve_device, seed_everything
 from diffusion import (STEPS, ddim_coeffs, ddim_timesteps, q_sample, sample, sample_many, SAMPLERS,
                        timestep_batch)
 from evaluate import FILTER, Judge, judge_line, load_judge, load_or_train
-from noiserefine import Training, full_loss, load_refiner, msd_loss
+from noiserefine import Training, full_loss, load_refiner, msd_loss, refine_many
 from pairs import DISPLAY_W
 from safety import write_atomic
 
@@ -64,11 +64,9 @@ def on_device(ctx, *tensors):
     return [t.to(device) for t in tensors]
 
 
-@torch.no_grad()
-def refine(ctx, x_T, y, batch_size=250):
+def refine(ctx, x_T, y):
     """x_hat_T = g_phi(x_T, c), batched; on the CPU like its inputs."""
-    return torch.cat([ctx.refiner(*on_device(ctx, x_T[i:i + batch_size], y[i:i + batch_size])).cpu()
-                      for i in range(0, len(y), batch_size)])
+    return refine_many(ctx.refiner, x_T, y)
 
 
 def bank(ctx, n=None, index=0):

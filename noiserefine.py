@@ -27,7 +27,7 @@ from accel import autocast
 from checkpoint import FORMAT, fingerprint, load_checkpoint, save_atomic
 from diffusion import T, ddim_schedule, ddim_step, timestep_batch
 from pairs import batch_of
-from safety import BadInput, on_interrupt
+from safety import BadInput, kept_checkpoint, on_interrupt
 
 # ----------------------------------------------------------------------------------------------
 # LoRA (Hu et al., arXiv 2106.09685), from scratch
@@ -262,12 +262,7 @@ def fit(refiner, teacher, train_pairs, val, t, device, ckpt_path, meta, resume=F
         tqdm.write(f"step 0 (identity refiner): validation L_MSD/prod(a)^2 {best / scale:.4e}")
 
     saved = step if resume else None  # the step of the checkpoint on disk
-
-    def kept():
-        if saved is None:
-            return f"no checkpoint was written yet (one every {t.val_every} steps)"
-        return f"the checkpoint of step {saved} is kept in {ckpt_path}; --resume continues from it"
-
+    kept = lambda: kept_checkpoint(saved, ckpt_path, t.val_every)  # noqa: E731
     def save():
         nonlocal saved
         save_atomic({"kind": "refiner", "format": FORMAT, **meta, "rank": refiner.rank, "alpha": refiner.alpha,
@@ -315,6 +310,14 @@ def fit(refiner, teacher, train_pairs, val, t, device, ckpt_path, meta, resume=F
 # ----------------------------------------------------------------------------------------------
 # Loading a trained refiner
 # ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def refine_many(refiner, x_T, y, batch_size=250):
+    """x_hat_T = g_phi(x_T, c) over many noises in batches, on the refiner's device, returned on the CPU."""
+    device = next(refiner.parameters()).device
+    return torch.cat([refiner(x_T[i:i + batch_size].to(device), y[i:i + batch_size].to(device)).cpu()
+                      for i in range(0, len(y), batch_size)])
 
 
 def load_refiner_ckpt(path, teacher_fp, flag="--refiner"):

@@ -20,6 +20,13 @@ class Interrupted(Exception):
     """Ctrl-C in a training loop, with what was kept; the scripts print it as one line and exit with 130."""
 
 
+def kept_checkpoint(saved, path, every):
+    """What a stopped training loop leaves: the checkpoint of step `saved` (None: none yet)."""
+    if saved is None:
+        return f"no checkpoint was written yet (one every {every} steps)"
+    return f"the checkpoint of step {saved} is kept in {path}; --resume continues from it"
+
+
 @contextlib.contextmanager
 def on_interrupt(account):
     """Ctrl-C inside the block becomes Interrupted(account()): at which step, and which checkpoint is kept."""

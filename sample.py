@@ -15,7 +15,7 @@ import noises
 from checkpoint import load_checkpoint, load_teacher
 from cli import die, entry_point, resolve_device, seed_everything
 from diffusion import SAMPLERS, STEPS, sample_many
-from noiserefine import load_refiner
+from noiserefine import load_refiner, refine_many
 from safety import write_atomic
 from teacher import DEFAULT_TEACHER
 
@@ -63,7 +63,7 @@ def main(argv=None):
         refiner = load_refiner(args.refiner, teacher, device)
     y = torch.tensor(labels).repeat_interleave(args.per_label)
     x_T = torch.randn((len(y), 3, size, size), generator=noises.generator("sample", args.seed))  # never a pair's
-    x_hat_T = refine_all(refiner, x_T, y, device) if refiner else x_T  # what the sampler starts from
+    x_hat_T = refine_many(refiner, x_T, y) if refiner else x_T  # what the sampler starts from
     images = sample_many(teacher, x_hat_T, y, args.steps, args.w, desc="sampling", sampler=args.sampler)
     data.save_grid(images, args.per_label, args.out + ".png")
     write_atomic(args.out + ".npz", lambda f: np.savez(
@@ -71,13 +71,6 @@ def main(argv=None):
         w=args.w, steps=args.steps, sampler=args.sampler, teacher=args.teacher, refiner=args.refiner or ""))
     regime = "refined noise, no guidance" if refiner else f"Gaussian noise, w = {args.w}"
     print(f"wrote {args.out}.png and {args.out}.npz: {len(y)} samples, {regime}, {args.steps} {args.sampler} steps")
-
-
-@torch.no_grad()
-def refine_all(refiner, x_T, y, device, batch_size=250):
-    """x_hat_T = g_phi(x_T, c) in batches, back on the CPU."""
-    return torch.cat([refiner(x_T[i:i + batch_size].to(device), y[i:i + batch_size].to(device)).cpu()
-                      for i in range(0, len(y), batch_size)])
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from cli import make_out_dir, seed_everything
 from diffusion import STEPS, sample, training_loss
 from models import build_model, model_config
 from pairs import DISPLAY_W
-from safety import BadInput, on_interrupt
+from safety import BadInput, kept_checkpoint, on_interrupt
 
 
 DEFAULT_TEACHER = "runs/teacher/ckpt.pt"
@@ -164,12 +164,7 @@ def fit(s, out, device, resume=False, stop_at=None, compile=False, rank=0, world
     last = min(s.steps, stop_at or s.steps)
 
     saved = step if resume else None  # the step of the checkpoint on disk
-
-    def kept():
-        if saved is None:
-            return f"no checkpoint was written yet (one every {s.save_every} steps)"
-        return f"the checkpoint of step {saved} is kept in {out}; --resume continues from it"
-
+    kept = lambda: kept_checkpoint(saved, os.path.join(out, "ckpt.pt"), s.save_every)  # noqa: E731
     def save():
         nonlocal saved
         if rank == 0:
