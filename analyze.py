@@ -11,6 +11,7 @@
     python analyze.py inversion     # DDIM inversion of CFG samples: guidance-free noise  (§3.1, Fig. 3 vs 7)
     python analyze.py samplers      # refined noise under DDIM, Euler, DPM-Solver++(2M)   (Fig. 29)
     python analyze.py judges        # every regime scored by the judge and by the filter  (beyond the paper)
+    python analyze.py guidance      # each guidance's scale on Gaussian noise: how pairs.GUIDANCE_W was chosen
     python analyze.py all
 
 Each prints its numbers and writes --out/<name>.png (an image grid) and/or --out/<name>.csv (curves; also
@@ -28,14 +29,14 @@ import torch
 
 import data
 import noises
-from checkpoint import load_teacher
+from checkpoint import load_checkpoint, load_teacher
 import cli
 from cli import entry_point, print_table, resolve_device, seed_everything
-from diffusion import (STEPS, ddim_coeffs, ddim_timesteps, q_sample, sample, sample_many, SAMPLERS,
-                       timestep_batch)
-from evaluate import FILTER, Judge, judge_line, load_judge, load_or_train
+from diffusion import CFG, STEPS, SAMPLERS, Guidance, ddim_invert, q_sample, sample, sample_many, timestep_batch
+from evaluate import FILTER, Judge, judge_line, load_judge, load_or_train, run_regime
 from noiserefine import Training, full_loss, load_refiner, msd_loss, refine_many
-from pairs import DISPLAY_W
+from pairs import DISPLAY_W, INTERVAL, PAG_SCALE
+from teacher import TeacherSettings, get_weak
 from safety import write_atomic
 
 
@@ -51,6 +52,7 @@ class Context:
     n: int
     steps: int
     dataset_args: tuple  # (dataset, data_dir, image_size) of the teacher's data
+    teacher_path: str = None  # autoguidance finds its weak model next to it
 
 
 # ----------------------------------------------------------------------------------------------
@@ -407,17 +409,6 @@ def analysis_jacobian(ctx, samples=4, N=Training().msd_steps):
 
 
 @torch.no_grad()
-def ddim_invert(model, x0, y, steps):
-    """Run eq. (1) backwards without guidance: x_t = (x_{t-1} - b_t eps) / a_t, eps taken at x_{t-1}
-    (the usual approximation: the exact eps at x_t is unknown before x_t is)."""
-    ts = ddim_timesteps(steps)
-    x = x0
-    for t, t_prev in reversed(list(zip(ts, ts[1:] + [-1]))):
-        a_t, b_t = ddim_coeffs(t, t_prev)
-        x = (x - b_t * model(x, timestep_batch(t, x), y)) / a_t
-    return x
-
-
 def analysis_inversion(ctx, inversion_steps=(20, 100)):
     """Invert CFG samples with unguided DDIM at the sampling step count and at a finer one (the inversion's
     eps-at-the-previous-point approximation shrinks with the step size), then sample unguided back."""
@@ -506,10 +497,49 @@ def analysis_judges(ctx):
     return {r[0]: dict(zip(("acc_judge", "acc_filter", "fd_judge", "fd_filter"), r[1:])) for r in rows}
 
 
+# ----------------------------------------------------------------------------------------------
+# 12. Other guidances (beyond the paper): the dev-bank sweep behind pairs.GUIDANCE_W and pairs.INTERVAL
+# ----------------------------------------------------------------------------------------------
+
+
+def guidance_sweep(ctx):
+    """(name, setting, Guidance, PAG scale, scales) of every guidance tried: CFG and CFG + PAG at the pairs'
+    scales; autoguidance with the teacher's kept weak checkpoint and one of half its steps; the guidance
+    interval at pairs.INTERVAL (wider scales: it guides fewer steps) and at two other intervals."""
+    weak_step = load_checkpoint(ctx.teacher_path, "teacher")["args"].get("weak_step") or TeacherSettings.weak_step
+    sweep = [("cfg", "", CFG, 0.0, (2.0, 3.0, 4.0)), ("cfg+pag", f"pag {PAG_SCALE:g}", CFG, PAG_SCALE, (2.0, 3.0, 4.0))]
+    for step in (max(1, weak_step // 2), weak_step):
+        weak = get_weak(ctx.teacher_path, ctx.teacher.output_layer().weight.device, step)[0]
+        sweep.append(("autoguidance", f"weak: step {step}", Guidance("autoguidance", weak=weak), 0.0, (1.0, 2.0, 3.0, 4.0)))
+    for lo, hi in (INTERVAL, (1.0, 12.0), (0.3, 12.0)):
+        scales = (2.0, 3.0, 4.0, 6.0) if (lo, hi) == INTERVAL else (3.0,)
+        sweep.append(("interval", f"sigma in ({lo:g}, {hi:g}]", Guidance("interval", interval=(lo, hi)), 0.0, scales))
+    return sweep
+
+
+def analysis_guidance(ctx):
+    """Gaussian noise under each guidance and scale on the dev bank, scored by the judge: the numbers that
+    chose each guidance's pair scales and the interval (docs/guidance.md says how)."""
+    x_T, y = bank(ctx)
+    rows = []
+    for name, setting, guidance, pag, scales in guidance_sweep(ctx):
+        for w in scales:
+            row, _, _ = run_regime(ctx.teacher, ctx.judge, x_T, y, name, w, ctx.steps, guidance=guidance, pag=pag,
+                                   intervals=False)
+            rows.append((name, setting, w, row["class_acc"], row["fd_cls"], row["precision"], row["recall"],
+                         row["nfe_per_image"]))
+    print(f"{len(y)} dev-bank noises, Gaussian noise under each guidance, {ctx.steps} DDIM steps; unguided for "
+          f"comparison: python analyze.py judges")
+    header = ["guidance", "setting", "w", "class acc", "FD_cls", "precision", "recall", "forwards / image"]
+    table(header, rows, ["", "", "g", ".3f", ".2f", ".3f", ".3f", ".0f"])
+    print("wrote", write_csv(ctx, "guidance", [h.replace(" ", "_") for h in header], rows))
+    return rows
+
+
 ANALYSES = {"diff": analysis_diff, "spectrum": analysis_spectrum, "layout": analysis_layout,
             "trajectory": analysis_trajectory, "bandswap": analysis_bandswap, "slerp": analysis_slerp,
             "mismatch": analysis_mismatch, "jacobian": analysis_jacobian, "inversion": analysis_inversion,
-            "samplers": analysis_samplers, "judges": analysis_judges}
+            "samplers": analysis_samplers, "judges": analysis_judges, "guidance": analysis_guidance}
 
 
 def build_parser():
@@ -542,7 +572,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     print(judge_line(judge))
     ctx = Context(teacher, refiner, judge, len(ds["classes"]), ds["image_size"], args.out, args.n, args.steps,
-                  (ds["dataset"], ds["data_dir"], ds["image_size"]))
+                  (ds["dataset"], ds["data_dir"], ds["image_size"]), args.teacher)
     results = {}
     for name in (ANALYSES if args.name == "all" else [args.name]):
         start = time.perf_counter()

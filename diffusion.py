@@ -34,9 +34,12 @@ def q_sample(x0, t, eps):
     return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
 
 
-def training_loss(model, x0, y, null_class, cond_drop=0.1, generator=None, part=slice(None)):
+def training_loss(model, x0, y, null_class, cond_drop=0.1, generator=None, part=slice(None), min_snr=0.0):
     """Eps-prediction loss with condition dropout: a label becomes the null class with prob. cond_drop,
-    so that the same network also gives eps_u for CFG.
+    so that the same network also gives eps_u for CFG. min_snr = gamma > 0 weights each sample by
+    min(SNR_t, gamma) / SNR_t, SNR_t = abar_t / (1 - abar_t) (Min-SNR, Hang et al. 2023, arXiv 2303.09556,
+    for eps-prediction): the low-noise steps, whose eps is easy and whose gradients conflict with the
+    rest, count less.
 
     t, eps and the dropout are drawn for the whole batch, and only the rows `part` are computed: each of
     K processes takes its K-th of one global batch and together they compute what one process would."""
@@ -46,7 +49,11 @@ def training_loss(model, x0, y, null_class, cond_drop=0.1, generator=None, part=
     drop = (torch.rand(B, generator=generator, device=dev) < cond_drop)[part].to(x0.device)
     x0, y = x0[part], y[part]
     y = torch.where(drop, torch.full_like(y, null_class), y)
-    return ((model(q_sample(x0, t, eps), t, y) - eps) ** 2).mean()
+    err = (model(q_sample(x0, t, eps), t, y) - eps) ** 2
+    if min_snr <= 0:
+        return err.mean()
+    snr = (ABAR.to(x0.device)[t] / (1 - ABAR.to(x0.device)[t])).float()
+    return (err.mean((1, 2, 3)) * snr.clamp(max=min_snr) / snr).mean()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,6 +88,18 @@ def ddim_step(x_t, eps, a_t, b_t):
     return a_t * x_t + b_t * eps
 
 
+@torch.no_grad()
+def ddim_invert(model, x0, y, steps):
+    """Run eq. (1) backwards without guidance: x_t = (x_{t-1} - b_t eps) / a_t, eps taken at x_{t-1}
+    (the usual approximation: the exact eps at x_t is unknown before x_t is)."""
+    ts = ddim_timesteps(steps)
+    x = x0
+    for t, t_prev in reversed(list(zip(ts, ts[1:] + [-1]))):
+        a_t, b_t = ddim_coeffs(t, t_prev)
+        x = (x - b_t * model(x, timestep_batch(t, x), y).to(x.dtype)) / a_t
+    return x
+
+
 def predict_x0(x_t, t, eps):
     """x0 predicted from x_t and eps (the paper's Fig. 10 shows it over the steps)."""
     ab = abar(t)
@@ -88,7 +107,7 @@ def predict_x0(x_t, t, eps):
 
 
 # ----------------------------------------------------------------------------------------------
-# Guided eps (CFG, eq. 26; PAG, eq. 27-28)
+# Guided eps (CFG, eq. 26; PAG, eq. 27-28; beyond the paper: autoguidance, the guidance interval)
 # ----------------------------------------------------------------------------------------------
 
 def timestep_batch(t, x):
@@ -118,6 +137,63 @@ def guided_eps(model, x, t, y, w=0.0, pag=0.0):
         eps = eps + pag * (eps_c - model(x, tt, y, identity_attn=True).to(x.dtype))
     return eps
     # END SOLUTION
+
+
+def sigma(t):
+    """The noise level of x_t in data units, sigma_t = sqrt((1 - abar_t) / abar_t): x_t / sqrt(abar_t) =
+    x0 + sigma_t eps (EDM's sigma; the guidance interval is stated in it)."""
+    ab = abar(t)
+    return math.sqrt((1 - ab) / ab)
+
+
+def autoguided_eps(model, x, t, y, w=0.0, weak=None):
+    """Autoguidance (Karras et al. 2024, arXiv 2406.02507), in this file's convention:
+    eps_good + w (eps_good - eps_weak), both conditional, where eps_weak comes from a weaker version of the
+    same model (here an early checkpoint of the teacher's training). It is the paper's
+    eps_weak + w' (eps_good - eps_weak) with w' = 1 + w, so w = 0 is no guidance here too (one forward)."""
+    tt = t if torch.is_tensor(t) else timestep_batch(t, x)
+    eps_good = model(x, tt, y).to(x.dtype)
+    if not torch.is_tensor(w) and w == 0:
+        return eps_good
+    w = w.view(-1, 1, 1, 1) if torch.is_tensor(w) else w
+    return eps_good + w * (eps_good - weak(x, tt, y).to(x.dtype))  # two networks: two forwards of B
+
+
+def interval_eps(model, x, t, y, w=0.0, pag=0.0, interval=(0.0, math.inf)):
+    """Guidance interval (Kynkaanniemi et al. 2024, arXiv 2404.07724): guided_eps where
+    sigma_lo < sigma_t <= sigma_hi, the conditional eps alone (one forward) everywhere else. t: an int."""
+    lo, hi = interval
+    inside = lo < sigma(t) <= hi
+    return guided_eps(model, x, t, y, w, pag) if inside else guided_eps(model, x, t, y)
+
+
+class Guidance:
+    """Which guided eps the samplers use, called like guided_eps: CFG (+ PAG) by default; 'autoguidance'
+    with its weak model; 'interval' with its (sigma_lo, sigma_hi]. w keeps one meaning in all three:
+    the weight of (eps_c - the other branch), 0 for none."""
+
+    def __init__(self, kind="cfg", weak=None, interval=None):
+        if kind == "autoguidance" and weak is None:
+            raise ValueError("autoguidance needs its weak model")
+        if kind == "interval" and interval is None:
+            raise ValueError("the guidance interval needs (sigma_lo, sigma_hi)")
+        self.kind, self.weak, self.interval = kind, weak, interval
+
+    def __call__(self, model, x, t, y, w=0.0, pag=0.0):
+        if self.kind == "autoguidance":
+            if pag:
+                raise ValueError("autoguidance takes no PAG term here")
+            return autoguided_eps(model, x, t, y, w, self.weak)
+        if self.kind == "interval":
+            return interval_eps(model, x, t, y, w, pag, self.interval)
+        return guided_eps(model, x, t, y, w, pag)
+
+    def networks(self):
+        """The networks besides the teacher that it runs (forwards are counted on each)."""
+        return [self.weak] if self.weak is not None else []
+
+
+CFG = Guidance()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,14 +244,14 @@ SAMPLERS = {"ddim": ddim_update, "euler": euler_update, "dpm2m": dpm2m_update}
 
 
 @torch.no_grad()
-def sample(model, x_T, y, steps=20, w=0.0, pag=0.0, return_x0=False, sampler="ddim"):
+def sample(model, x_T, y, steps=20, w=0.0, pag=0.0, return_x0=False, sampler="ddim", guidance=CFG):
     """Sample from x_T with labels y on the trailing timesteps. With return_x0, also the predicted x0 of
-    every step. sampler: ddim (the paper's; eq. 1), euler or dpm2m (DPM-Solver++(2M))."""
+    every step. sampler: ddim (the paper's; eq. 1), euler or dpm2m (DPM-Solver++(2M)); guidance: a Guidance."""
     update = SAMPLERS[sampler]
     ts = ddim_timesteps(steps)
     x, x0_pred, carry = x_T, [], None
     for t, t_prev in zip(ts, ts[1:] + [-1]):
-        eps = guided_eps(model, x, t, y, w, pag)
+        eps = guidance(model, x, t, y, w, pag)
         x0 = predict_x0(x, t, eps)
         if return_x0:
             x0_pred.append(x0)
@@ -184,7 +260,8 @@ def sample(model, x_T, y, steps=20, w=0.0, pag=0.0, return_x0=False, sampler="dd
 
 
 @torch.no_grad()
-def sample_many(model, x_T, y, steps=20, w=0.0, pag=0.0, batch_size=BATCH, refiner=None, desc=None, sampler="ddim"):
+def sample_many(model, x_T, y, steps=20, w=0.0, pag=0.0, batch_size=BATCH, refiner=None, desc=None, sampler="ddim",
+                guidance=CFG):
     """`sample` over many noises in batches, with a tqdm bar. With a refiner, x_T is refined first
     (x_hat_T = g_phi(x_T, c), one forward) and then sampled as given (w = 0 for NoiseRefine)."""
     device = next(model.parameters()).device
@@ -195,5 +272,5 @@ def sample_many(model, x_T, y, steps=20, w=0.0, pag=0.0, batch_size=BATCH, refin
         if refiner is not None:
             x = refiner(x, c)
         w_i = w[i:i + batch_size].to(device) if torch.is_tensor(w) else w
-        out.append(sample(model, x, c, steps, w_i, pag, sampler=sampler).cpu())
+        out.append(sample(model, x, c, steps, w_i, pag, sampler=sampler, guidance=guidance).cpu())
     return torch.cat(out)

@@ -33,7 +33,7 @@ import noises
 from checkpoint import FORMAT, fingerprint, load_checkpoint, load_teacher, save_atomic, save_json
 import cli
 from cli import entry_point, print_table, resolve_device
-from diffusion import BATCH, STEPS, sample_many
+from diffusion import BATCH, CFG, STEPS, sample_many
 
 CLASSIFIER_STEPS = 600  # enough for >= 99% held-out accuracy on the embedded set (about 30 s on 2 cores)
 MIRROR_SAFE = ("shapes", "cifar10", "imagenet64")  # sets whose classes survive a left-right flip
@@ -385,13 +385,15 @@ class ForwardCounter:
             h.remove()
 
 
-def run_regime(teacher, judge, x_T, y, name, w=0.0, steps=STEPS, refiner=None, batch_size=BATCH, intervals=True):
+def run_regime(teacher, judge, x_T, y, name, w=0.0, steps=STEPS, refiner=None, batch_size=BATCH, intervals=True,
+               guidance=CFG, pag=0.0):
     """Sample the bank in one regime, time it, count forwards, score it. Returns (row, images, measured)."""
     n = min(batch_size, len(y))  # warm-up, not timed or counted: allocator and kernels settle first
-    sample_many(teacher, x_T[:n], y[:n], 1, w, batch_size=batch_size, refiner=refiner)
-    counter = ForwardCounter(teacher, *([refiner] if refiner is not None else []))
+    run = dict(batch_size=batch_size, refiner=refiner, guidance=guidance, pag=pag)
+    sample_many(teacher, x_T[:n], y[:n], 1, w, **run)
+    counter = ForwardCounter(teacher, *([refiner] if refiner is not None else []), *guidance.networks())
     start = time.perf_counter()
-    images = sample_many(teacher, x_T, y, steps, w, batch_size=batch_size, refiner=refiner, desc=name)
+    images = sample_many(teacher, x_T, y, steps, w, desc=name, **run)
     seconds = time.perf_counter() - start
     counter.remove()
     measured = judge.measure(images, y)

@@ -2,8 +2,9 @@
 
     x_T       Gaussian noise, from the 'pairs' stream of noises.py (never shown or scored anywhere)
     c         a class label, uniform
-    w         a CFG scale drawn per pair from W_RANGE: random scales reduce the bias of one scale
-    x0_guide  DenoiseGuide(x_T, c): N' guided DDIM steps from x_T (eq. 1-2), stored as 8-bit images
+    w         a guidance scale drawn per pair from W_RANGE: random scales reduce the bias of one scale
+    x0_guide  DenoiseGuide(x_T, c): N' guided DDIM steps from x_T (eq. 1-2), stored as 8-bit images; the
+              guidance is CFG (the paper's), CFG + PAG, autoguidance or CFG on an interval (diffusion.Guidance)
     conf      the filter classifier's confidence in x0_guide (the paper keeps high aesthetic scores)
 
 A shard depends only on its index and the settings, and is written whole or not at all, so an interrupted
@@ -23,10 +24,13 @@ import distributed
 import noises
 from accel import autocast
 from checkpoint import save_atomic
-from diffusion import STEPS, sample_many
+from diffusion import CFG, STEPS, sample_many
 from safety import BadInput
 
 W_RANGE = (2.0, 4.0)  # CFG scales of the pairs
+PAG_SCALE = 2.0  # the paper's PAG scale (CFG 3 + PAG 2 on its Pick-a-Pic pairs): train_refiner --guidance cfg+pag
+GUIDANCE_W = {"cfg": W_RANGE, "cfg+pag": W_RANGE, "autoguidance": (1.0, 2.0), "interval": W_RANGE}  # docs/guidance.md
+INTERVAL = (0.3, 5.0)  # (sigma_lo, sigma_hi] of the guidance interval, chosen on the dev bank (docs/guidance.md)
 DISPLAY_W = (W_RANGE[0] + W_RANGE[1]) / 2  # the CFG scale every table and picture compares refined noise with
 SHARD = 1000  # pairs per shard (fewer when there are fewer pairs)
 CACHE_VERSION = 2  # bump when a shard's content changes for the same settings (2: x_T from noises.py's stream)
@@ -41,6 +45,8 @@ class PairSettings:
     guide_steps: int = STEPS  # N': guided DDIM steps that make x0_guide
     w_range: tuple = W_RANGE  # CFG scale drawn per pair (low == high: one scale)
     pag: float = 0.0          # PAG scale added to the guidance
+    guidance: str = "cfg"     # "cfg" (with pag > 0: CFG + PAG), "autoguidance" or "interval" (diffusion.Guidance)
+    interval: tuple = INTERVAL  # (sigma_lo, sigma_hi] of "interval"
     seed: int = 0
     amp: str = "none"         # "bf16": the guided steps under bf16 autocast (accel.py)
 
@@ -49,10 +55,14 @@ def shard_size(s):
     return min(SHARD, s.count)
 
 
-def cache_dir(s, teacher_path, teacher_fp):
-    """A folder next to the teacher, keyed by everything that decides a shard's content."""
+def cache_dir(s, teacher_path, teacher_fp, weak_fp=None):
+    """A folder next to the teacher, keyed by everything that decides a shard's content (weak_fp: the
+    fingerprint of autoguidance's weak model)."""
     key = [CACHE_VERSION, teacher_fp, s.guide_steps, list(s.w_range), s.pag, s.seed, shard_size(s)]
-    key = json.dumps(key + ([s.amp] if s.amp != "none" else []))  # fp32 caches keep the name they had
+    key += [s.amp] if s.amp != "none" else []  # CFG caches in fp32 keep the name they had
+    if s.guidance != "cfg":
+        key += [s.guidance] + ([weak_fp] if s.guidance == "autoguidance" else [list(s.interval)])
+    key = json.dumps(key)
     return os.path.join(os.path.dirname(teacher_path), "pairs-" + hashlib.sha256(key.encode()).hexdigest()[:10])
 
 
@@ -68,12 +78,12 @@ def pair_inputs(index, s, num_classes, image_size):
     return x_T, y, w
 
 
-def make_shard(teacher, pair_filter, index, s, num_classes, image_size):
+def make_shard(teacher, pair_filter, index, s, num_classes, image_size, guidance=CFG):
     """One shard: x_T, c, w, x0_guide = DenoiseGuide(x_T, c) (eq. 1-2), the filter's confidence in each
     x0_guide and the filter's fingerprint (so that a changed filter is noticed)."""
     x_T, y, w = pair_inputs(index, s, num_classes, image_size)
     with autocast(next(teacher.parameters()).device, s.amp):
-        x0_guide = sample_many(teacher, x_T, y, s.guide_steps, w, s.pag)
+        x0_guide = sample_many(teacher, x_T, y, s.guide_steps, w, s.pag, guidance=guidance)
     x0_guide = data.to_uint8(x0_guide)  # what a guided image is: 8 bits; also 4x smaller on disk
     return {"x_T": x_T, "y": y, "w": w, "x0_guide": x0_guide, **filter_scores(pair_filter, x0_guide, y)}
 
@@ -86,14 +96,14 @@ def shard_paths(s, folder):
     return [os.path.join(folder, f"shard_{i:05d}.pt") for i in range(math.ceil(s.count / shard_size(s)))]
 
 
-def make_pairs(teacher, pair_filter, s, folder, num_classes, image_size, rank=0, world=1):
+def make_pairs(teacher, pair_filter, s, folder, num_classes, image_size, rank=0, world=1, guidance=CFG):
     """Generate the shards missing from the cache. Under torchrun, process r makes shards r, r + world, ...;
     since a shard depends only on its index, the union is the same."""
     os.makedirs(folder, exist_ok=True)
     paths = shard_paths(s, folder)
     for i in tqdm(range(rank, len(paths), world), desc="guided pairs", disable=rank > 0):
         if not os.path.isfile(paths[i]):  # a shard exists only once it was written whole (rename)
-            save_atomic(make_shard(teacher, pair_filter, i, s, num_classes, image_size), paths[i])
+            save_atomic(make_shard(teacher, pair_filter, i, s, num_classes, image_size, guidance), paths[i])
     distributed.barrier()
 
 
@@ -113,9 +123,9 @@ def read_pairs(s, folder, pair_filter):
     return {k: torch.cat([sh[k] for sh in shards])[:s.count] for k in shards[0] if k != "filter"}
 
 
-def load_pairs(teacher, pair_filter, s, folder, num_classes, image_size):
+def load_pairs(teacher, pair_filter, s, folder, num_classes, image_size, guidance=CFG):
     """All the pairs (one process): whole shards from the cache, missing ones generated."""
-    make_pairs(teacher, pair_filter, s, folder, num_classes, image_size)
+    make_pairs(teacher, pair_filter, s, folder, num_classes, image_size, guidance=guidance)
     return read_pairs(s, folder, pair_filter)
 
 

@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import math
 import os
+import shutil
 import time
 
 import torch
@@ -17,11 +18,11 @@ import data
 import distributed
 import noises
 from accel import autocast, to_channels_last
-from checkpoint import FORMAT, load_checkpoint, load_teacher, save_atomic
+from checkpoint import FORMAT, fingerprint, load_checkpoint, load_teacher, save_atomic
 from cli import make_out_dir, seed_everything
-from diffusion import STEPS, sample, training_loss
+from diffusion import CFG, STEPS, Guidance, sample, training_loss
 from models import build_model, model_config
-from pairs import DISPLAY_W
+from pairs import DISPLAY_W, INTERVAL
 from safety import BadInput, kept_checkpoint, on_interrupt
 
 
@@ -43,12 +44,14 @@ class TeacherSettings:
     lr_decay: str = "cosine"  # after the warm-up: "cosine" to 10% of lr, or "none" (constant)
     steps: int = 2500
     cond_drop: float = 0.1  # probability of the null label, so one network also gives eps_u
+    min_snr: float = 0.0    # > 0: Min-SNR-gamma loss weighting (diffusion.training_loss); 0: plain eps loss
     ema: float = 0.999
     hflip: bool = False     # random horizontal flips of the training images (natural photos only)
     amp: str = "none"       # "bf16": autocast the forward (accel.py)
     grid_every: int = 2500  # one grid, at the end: each costs the CPU default about 5 s (docs/speed.md)
     grid_w: float = DISPLAY_W
     save_every: int = 500
+    weak_step: int = 1000   # this step's checkpoint is also kept, as autoguidance's weak model (weak_path)
     seed: int = 0
 
 
@@ -165,15 +168,16 @@ def fit(s, out, device, resume=False, stop_at=None, compile=False, rank=0, world
 
     saved = step if resume else None  # the step of the checkpoint on disk
     kept = lambda: kept_checkpoint(saved, os.path.join(out, "ckpt.pt"), s.save_every)  # noqa: E731
-    def save():
+    def save(path=None):  # None: out/ckpt.pt; a path: a copy kept beside it (the weak model)
         nonlocal saved
         if rank == 0:
             save_atomic({"kind": "teacher", "format": FORMAT, "config": config, "data": meta,
                          "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                          "step": step, "losses": losses, "args": flags or dataclasses.asdict(s),
                          "rng": {"gen": gen.get_state(), "torch": torch.get_rng_state()}},
-                        os.path.join(out, "ckpt.pt"))
-        saved = step  # only once the file is whole
+                        path or os.path.join(out, "ckpt.pt"))
+        if path is None:
+            saved = step  # only once the file is whole
 
     bar = tqdm(range(step, last), initial=step, total=s.steps, desc="teacher", disable=rank > 0)
     start, first = time.perf_counter(), step
@@ -186,7 +190,7 @@ def fit(s, out, device, resume=False, stop_at=None, compile=False, rank=0, world
                 x0 = torch.where(torch.rand(len(x0), 1, 1, 1, generator=gen) < 0.5, x0.flip(-1), x0)
             x0 = to_channels_last(x0.to(device)) if channels_last else x0.to(device)
             with autocast(device, s.amp):
-                loss = training_loss(net, x0, y.to(device), null_class, s.cond_drop, gen, mine)
+                loss = training_loss(net, x0, y.to(device), null_class, s.cond_drop, gen, mine, s.min_snr)
             global_loss = distributed.mean_over_ranks(loss).item()  # the global batch's loss; every rank agrees
             if not math.isfinite(global_loss):
                 raise BadInput(f"loss is {global_loss} at step {step}; {kept()}")
@@ -201,11 +205,54 @@ def fit(s, out, device, resume=False, stop_at=None, compile=False, rank=0, world
             bar.set_postfix(loss=f"{losses[-1]:.4f}", img_s=f"{img_per_s:.0f}")
             if step % s.save_every == 0 or step == last:
                 save()
+            if step == s.weak_step:
+                save(weak_path(os.path.join(out, "ckpt.pt"), step))
             if rank == 0 and (step % s.grid_every == 0 or step == s.steps):
                 write_grid(ema.eval(), meta["classes"], meta["image_size"], s.grid_w,
                            os.path.join(out, f"samples_{step:06d}.png"), seed=s.seed)
     log(f"done: step {step}, checkpoint {os.path.join(out, 'ckpt.pt')}, {time.perf_counter() - start:.0f} s")
     distributed.barrier()  # no rank leaves before rank 0 has written the checkpoint
+
+
+def weak_path(path, step):
+    """Where the teacher at `path` keeps its checkpoint of step `step` (autoguidance's weak model)."""
+    return os.path.join(os.path.dirname(path), f"ckpt_{step:06d}.pt")
+
+
+def get_weak(path, device, step=None):
+    """(weak model, its path): the teacher's own checkpoint of an early step (default: its weak_step), for
+    autoguidance (Karras et al. 2024 guide a model with a less-trained version of itself). A teacher trained
+    before such checkpoints were kept gets it by re-running its training to that step: the run is
+    deterministic, so the result is that step's state."""
+    ckpt = load_checkpoint(path, "teacher")
+    args = ckpt["args"]
+    step = step or args.get("weak_step") or TeacherSettings.weak_step
+    if step >= ckpt["step"]:
+        raise BadInput(f"autoguidance needs an earlier checkpoint of the teacher {path}, which trained "
+                       f"{ckpt['step']} steps, but its weak step is {step}: train it with a smaller --weak-step")
+    early = weak_path(path, step)
+    if not os.path.isfile(early):
+        fields = {f.name for f in dataclasses.fields(TeacherSettings)}
+        s = TeacherSettings(**{k: v for k, v in args.items() if k in fields})
+        s = dataclasses.replace(s, save_every=step, grid_every=10 ** 9, weak_step=-1)
+        print(f"no step-{step} checkpoint next to {path}: re-running its training to step {step}")
+        scratch = early + ".run"
+        fit(s, scratch, device, stop_at=step)
+        os.replace(os.path.join(scratch, "ckpt.pt"), early)
+        shutil.rmtree(scratch)
+    return load_teacher(early, device)[0], early
+
+
+def guidance(name, path, device, interval=INTERVAL):
+    """(diffusion.Guidance, the weak model's fingerprint or None) of a guidance name of train_refiner.py:
+    cfg and cfg+pag (CFG; the PAG scale rides beside w), autoguidance (with the teacher's early checkpoint),
+    interval (CFG on (sigma_lo, sigma_hi])."""
+    if name == "autoguidance":
+        weak, _ = get_weak(path, device)
+        return Guidance("autoguidance", weak=weak), fingerprint(weak)
+    if name == "interval":
+        return Guidance("interval", interval=tuple(interval)), None
+    return CFG, None
 
 
 def get_or_train(path, seed, device, rank=0, world=1, quick=False):
@@ -214,7 +261,7 @@ def get_or_train(path, seed, device, rank=0, world=1, quick=False):
     quick: the quick-look teacher instead, 300 steps (train_refiner.py --quick)."""
     if path is None:
         path = QUICK_TEACHER if quick else DEFAULT_TEACHER
-        settings = TeacherSettings(seed=seed, steps=300, grid_every=300, save_every=300) if quick \
+        settings = TeacherSettings(seed=seed, steps=300, grid_every=300, save_every=300, weak_step=100) if quick \
             else TeacherSettings(seed=seed)
         done = os.path.isfile(path) and load_checkpoint(path, "teacher")["step"] >= settings.steps
         distributed.barrier()  # every rank has read `done` before rank 0 writes

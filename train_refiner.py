@@ -4,16 +4,18 @@
     torchrun --standalone --nproc_per_node=4 train_refiner.py --device cuda ...  # pairs made by 4 GPUs
 
 1. Teacher: --teacher CKPT, or (default) runs/teacher/ckpt.pt, trained first if it is not there (teacher.py).
-2. Guided pairs (x_T, c, x0_guide): N' guided DDIM steps from Gaussian x_T, a CFG scale drawn per pair
-   from --w-range, optional PAG; cached in shards next to the teacher (pairs.py). Under torchrun each
+2. Guided pairs (x_T, c, x0_guide): N' guided DDIM steps from Gaussian x_T, a guidance scale drawn per pair
+   from --w-range; the guidance is --guidance: CFG (the default), CFG + PAG, autoguidance (the teacher
+   guided by its own early checkpoint) or CFG on a noise-level interval; cached in shards next to the
+   teacher (pairs.py). Under torchrun each
    process makes its share of the shards; the refiner then trains on rank 0 alone. --filter keeps pairs
    whose x0_guide the filter classifier assigns to its label with at least that confidence (the paper's
    aesthetic filter).
 3. Refiner: a copy of the teacher, fine-tuned whole or with LoRA (--lora-rank), trained with L_MSD over
    --msd-steps unguided DDIM steps; the weights of the best validation loss are kept (noiserefine.fit).
 4. Evaluation on the test bank of held-out noises (never a training x_T), scored by the judge, a classifier
-   that is not the filter: unguided, CFG, refined-unguided, with 95% bootstrap intervals; metrics.json and
-   a PNG grid with the regimes side by side.
+   that is not the filter: unguided, Gaussian noise with the pairs' guidance, refined-unguided, with 95%
+   bootstrap intervals; metrics.json and a PNG grid with the regimes side by side.
 """
 import os
 import time
@@ -46,11 +48,18 @@ def build_parser():
                    "named by its settings)")
     p.add_argument("--guide-steps", type=cli.STEPS_1000, default=s.guide_steps, help="N': guided DDIM steps that "
                    "make x0_guide")
-    p.add_argument("--w", type=cli.number(0, 100), default=None, help="one CFG scale for every pair (overrides "
-                   "--w-range)")
-    p.add_argument("--w-range", type=cli.number(0, 100), nargs=2, default=list(s.w_range), help="CFG scale drawn "
-                   "per pair, low high")
-    p.add_argument("--pag", type=cli.number(0, 100), default=s.pag, help="PAG scale added to the pairs' guidance")
+    p.add_argument("--guidance", default="cfg", choices=list(pairs.GUIDANCE_W), help="the guidance that makes "
+                   "x0_guide: cfg (the paper's), cfg+pag (PAG scale --pag, default "
+                   f"{pairs.PAG_SCALE:g}), autoguidance (the teacher's step-{teachers.TeacherSettings.weak_step} "
+                   "checkpoint as the weak model), interval (CFG where sigma_t is in --interval)")
+    p.add_argument("--w", type=cli.number(0, 100), default=None, help="one guidance scale for every pair "
+                   "(overrides --w-range)")
+    p.add_argument("--w-range", type=cli.number(0, 100), nargs=2, default=None, help="guidance scale drawn "
+                   f"per pair, low high (default: the --guidance's, {pairs.GUIDANCE_W})")
+    p.add_argument("--pag", type=cli.number(0, 100), default=None, help="PAG scale added to the pairs' guidance "
+                   f"(default: {pairs.PAG_SCALE:g} with --guidance cfg+pag, else 0)")
+    p.add_argument("--interval", type=cli.number(0, 1e6), nargs=2, default=list(pairs.INTERVAL),
+                   help="(sigma_lo, sigma_hi] of --guidance interval")
     p.add_argument("--filter", type=cli.number(0, 1, hi_open=True), default=pairs.FILTER, help="min confidence of "
                    "the filter classifier in a kept pair (0: off)")
     p.add_argument("--val-frac", type=cli.number(0, 1, lo_open=True, hi_open=True), default=pairs.VAL_FRAC,
@@ -91,8 +100,8 @@ def build_parser():
 
 
 # what --resume takes from the checkpoint: the refiner's shape, its pairs and their split
-RESUME_KEYS = ("lora_rank", "lora_alpha", "pairs", "guide_steps", "w_range", "pag", "filter", "val_frac",
-               "seed", "amp", "msd_steps", "batch_size")
+RESUME_KEYS = ("lora_rank", "lora_alpha", "pairs", "guide_steps", "guidance", "w_range", "pag", "interval",
+               "filter", "val_frac", "seed", "amp", "msd_steps", "batch_size")
 
 
 # --quick: a 300-step teacher's guided images rarely convince the filter, so it is off
@@ -111,15 +120,25 @@ def parse_args(argv=None):
     if args.w is not None:
         args.w_range = [args.w, args.w]
         given.add("w_range")
+    if args.w_range is None:
+        args.w_range = list(pairs.GUIDANCE_W[args.guidance])
+    if args.pag is None:
+        args.pag = pairs.PAG_SCALE if args.guidance == "cfg+pag" else 0.0
+    if args.guidance == "autoguidance" and args.pag:
+        die("--pag goes with --guidance cfg, cfg+pag or interval, not autoguidance")
     if args.w_range[0] > args.w_range[1]:
         die(f"--w-range must be low high, got {args.w_range[0]:g} {args.w_range[1]:g}")
+    if args.interval[0] >= args.interval[1]:
+        die(f"--interval must be sigma_lo sigma_hi with lo < hi, got {args.interval[0]:g} {args.interval[1]:g}")
     if args.resume:
         cli.resume_flags(args, given, os.path.join(args.out, "ckpt.pt"), "refiner", RESUME_KEYS)
     return args
 
 
 def pair_settings(args):
-    return pairs.PairSettings(args.pairs, args.guide_steps, tuple(args.w_range), args.pag, args.seed, args.amp)
+    kind = "cfg" if args.guidance == "cfg+pag" else args.guidance  # CFG + PAG is CFG with a PAG scale
+    return pairs.PairSettings(args.pairs, args.guide_steps, tuple(args.w_range), args.pag, args.seed, args.amp,
+                              kind, tuple(args.interval))
 
 
 def training(args):
@@ -127,18 +146,21 @@ def training(args):
                     args.amp)
 
 
-def evaluate_regimes(teacher, refiner, judge, args, num_classes, image_size):
+def evaluate_regimes(teacher, refiner, judge, args, num_classes, image_size, guidance):
     """The regimes on the held-out bank, each scored by the judge; and refined minus each other regime,
-    with paired intervals (the regimes share their noises and labels)."""
+    with paired intervals (the regimes share their noises and labels). Gaussian noise is guided with the
+    pairs' own guidance (named after it: cfg, cfg+pag, autoguidance, interval)."""
     x_T, y = noises.bank(args.bank, args.eval_n, num_classes, (3, image_size, image_size))
     lo, hi = args.w_range
-    regimes = [("unguided", 0.0, None), ("cfg", (lo + hi) / 2, None)]
+    regimes = [("unguided", 0.0, None), (args.guidance, (lo + hi) / 2, None)]
     if hi > lo:
-        regimes.append(("cfg_top", hi, None))
+        regimes.append((f"{args.guidance}_top", hi, None))
     regimes.append(("refined", 0.0, refiner))
     rows, images, measured = [], {}, {}
     for name, w, ref in regimes:
-        row, images[name], measured[name] = run_regime(teacher, judge, x_T, y, name, w, args.eval_steps, ref)
+        guided = dict(guidance=guidance, pag=args.pag) if w else {}
+        row, images[name], measured[name] = run_regime(teacher, judge, x_T, y, name, w, args.eval_steps, ref,
+                                                       **guided)
         rows.append(row)
     differences = {f"refined - {name}": judge.difference(measured["refined"], measured[name])
                    for name in measured if name != "refined"}
@@ -177,10 +199,11 @@ def main(argv=None):
     pair_filter = distributed.main_first(lambda: load_filter(ds["dataset"], ds["data_dir"], size, device, steps))
     judge = load_judge(ds["dataset"], ds["data_dir"], size, device, steps) if rank == 0 else None
     settings = pair_settings(args)
-    folder = args.pairs_dir or pairs.cache_dir(settings, teacher_path, teacher_fp)
+    guidance, weak_fp = teachers.guidance(args.guidance, teacher_path, device, args.interval)
+    folder = args.pairs_dir or pairs.cache_dir(settings, teacher_path, teacher_fp, weak_fp)
     if rank == 0:
-        print(f"guided pairs: {folder}")
-    pairs.make_pairs(teacher, pair_filter, settings, folder, K, size, rank, world)
+        print(f"guided pairs ({args.guidance}): {folder}")
+    pairs.make_pairs(teacher, pair_filter, settings, folder, K, size, rank, world, guidance)
     distributed.finish()  # the rest runs in one process
     if rank > 0:
         return
@@ -199,7 +222,7 @@ def main(argv=None):
         print(f"stopped at step {args.stop_at} (--stop-at); --resume continues")
         return
 
-    rows, differences, images, y = evaluate_regimes(teacher, refiner, judge, args, K, size)
+    rows, differences, images, y = evaluate_regimes(teacher, refiner, judge, args, K, size, guidance)
     print_regimes(rows, f"{args.eval_n} held-out noises ({args.bank} bank), {args.eval_steps} DDIM steps; 95% "
                       f"bootstrap intervals over the noises\n{judge_line(judge, pair_filter)}")
     for name, diff in differences.items():

@@ -40,6 +40,8 @@ def build_parser():
     p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=d.hflip, help="random horizontal "
                    "flips (photos only)")
     p.add_argument("--steps", type=cli.integer(1), default=d.steps, help="total training steps")
+    p.add_argument("--min-snr", type=cli.number(0, 1e6), default=d.min_snr, help="Min-SNR-gamma loss weighting "
+                   "(Hang et al. 2023; they use 5); 0: the plain eps loss")
     p.add_argument("--cond-drop", type=cli.number(0, 1, hi_open=True), default=d.cond_drop,
                    help="probability of the null label (for CFG)")
     p.add_argument("--ema", type=cli.number(0, 1, hi_open=True), default=d.ema,
@@ -47,6 +49,8 @@ def build_parser():
     p.add_argument("--grid-every", type=cli.integer(1), default=d.grid_every, help="write a sample grid every K steps")
     p.add_argument("--grid-w", type=cli.number(0, 100), default=d.grid_w, help="CFG scale of the grid's right half")
     p.add_argument("--save-every", type=cli.integer(1), default=d.save_every, help="write the checkpoint every K steps")
+    p.add_argument("--weak-step", type=cli.integer(1), default=d.weak_step, help="also keep this step's checkpoint, "
+                   "as autoguidance's weak model (train_refiner.py --guidance autoguidance)")
     p.add_argument("--seed", type=cli.SEED, default=d.seed, help="seeds the weights, the batches and the grid's noises")
     p.add_argument("--out", type=cli.path, default="runs/teacher", help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from --out/ckpt.pt")
@@ -60,8 +64,8 @@ def build_parser():
 # what --resume takes from the checkpoint, refusing another value on the command line: the data, the model
 # and how it is trained; and what it takes unless given: how long, how often it saves and draws
 RESUME_KEYS = ("recipe", "dataset", "model", "image_size", "batch_size", "lr", "warmup", "lr_decay",
-               "hflip", "cond_drop", "ema", "amp", "seed")
-RESUME_CHANGEABLE = ("steps", "save_every", "grid_every", "grid_w")
+               "hflip", "cond_drop", "min_snr", "ema", "amp", "seed")
+RESUME_CHANGEABLE = ("steps", "save_every", "grid_every", "grid_w", "weak_step")
 
 
 def parse_args(argv=None):

@@ -98,6 +98,66 @@ def test_pag_term():
     assert torch.allclose(guided_eps(model, x, 999, y, w=0.0, pag=3.0), torch.full_like(x, 0.5))
 
 
+class Constant(torch.nn.Module):
+    """eps = value everywhere: a stand-in for autoguidance's weak model."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value, self.images = value, 0
+
+    def forward(self, x, t, y, identity_attn=False):
+        self.images += x.shape[0]
+        return torch.full_like(x, self.value)
+
+
+def test_autoguidance_formula():
+    """eps_good + w (eps_good - eps_weak), both conditional; equal to Karras et al.'s
+    eps_weak + w' (eps_good - eps_weak) with w' = 1 + w; w = 0 runs the good model alone."""
+    good, weak, x, y = Counting(), Constant(0.25), torch.zeros(2, 1, 2, 2), torch.tensor([0, 2])
+    eps = diffusion.autoguided_eps(good, x, 999, y, w=2.0, weak=weak)
+    eps_good = torch.tensor([1.0, 3.0]).view(-1, 1, 1, 1)  # 1 + y: conditional, never the null label
+    assert torch.allclose(eps, eps_good + 2.0 * (eps_good - 0.25))
+    assert torch.allclose(eps, 0.25 + (1 + 2.0) * (eps_good - 0.25))
+    assert good.images == 2 and weak.images == 2  # one conditional forward of each network
+    assert torch.allclose(diffusion.autoguided_eps(good, x, 999, y, w=0.0, weak=weak), eps_good.expand_as(x))
+    assert weak.images == 2  # w = 0: the weak model is not run
+    per_sample = diffusion.autoguided_eps(good, x, 999, y, w=torch.tensor([0.0, 1.0]), weak=weak)
+    assert torch.allclose(per_sample[:, 0, 0, 0], torch.tensor([1.0, 3.0 + (3.0 - 0.25)]))
+
+
+def test_guidance_interval_applies_cfg_only_inside_the_sigma_range():
+    model, x, y = Counting(), torch.zeros(2, 1, 2, 2), torch.tensor([0, 2])
+    ts = ddim_timesteps(20)
+    interval = (diffusion.sigma(ts[15]), diffusion.sigma(ts[9]))  # (lo, hi]: steps 9..14 are inside
+    inside = [t for t in ts if interval[0] < diffusion.sigma(t) <= interval[1]]
+    assert inside == ts[9:15]
+    cfg = guided_eps(Counting(), x, ts[9], y, w=2.0)
+    assert torch.equal(diffusion.interval_eps(model, x, ts[9], y, 2.0, interval=interval), cfg)
+    assert torch.equal(diffusion.interval_eps(model, x, ts[15], y, 2.0, interval=interval), guided_eps(model, x, 0, y))
+    assert torch.equal(diffusion.interval_eps(model, x, ts[0], y, 2.0, interval=interval), guided_eps(model, x, 0, y))
+    # a whole sample: 2 forwards per image inside the interval, 1 outside
+    model = Counting()
+    sample(model, x, y, 20, 2.0, guidance=diffusion.Guidance("interval", interval=interval))
+    assert model.images == 2 * (20 + len(inside))
+
+
+def test_sigma_is_the_noise_to_signal_ratio():
+    for t in (0, 499, 999):
+        ab = ABAR[t].item()
+        assert math.isclose(diffusion.sigma(t), math.sqrt(1 - ab) / math.sqrt(ab), rel_tol=1e-12)
+
+
+def test_guidance_object_dispatches_to_each_formula():
+    x, y = torch.zeros(2, 1, 2, 2), torch.tensor([0, 2])
+    weak = Constant(0.25)
+    assert torch.equal(diffusion.CFG(Counting(), x, 999, y, 2.0, 1.0), guided_eps(Counting(), x, 999, y, 2.0, 1.0))
+    auto = diffusion.Guidance("autoguidance", weak=weak)
+    assert torch.equal(auto(Counting(), x, 999, y, 2.0), diffusion.autoguided_eps(Counting(), x, 999, y, 2.0, weak))
+    assert auto.networks() == [weak] and diffusion.CFG.networks() == []
+    with pytest.raises(ValueError):
+        diffusion.Guidance("autoguidance")
+
+
 def test_no_guidance_is_one_forward_per_sample():
     model = Counting()
     sample(model, torch.zeros(5, 1, 2, 2), torch.zeros(5, dtype=torch.long), steps=4, w=0.0)
@@ -159,3 +219,20 @@ def test_samplers_against_the_closed_form_ode_solution():
     for steps in (5, 10, 20):
         assert error("dpm2m", steps) < error("ddim", steps)
     assert error("ddim", 50) < error("ddim", 10) and error("dpm2m", 50) < 1e-2
+
+
+def test_min_snr_weighting():
+    """Min-SNR-gamma for eps-prediction: each sample's squared error weighted by min(SNR_t, gamma) / SNR_t."""
+    class Zero(torch.nn.Module):
+        def forward(self, x, t, y):
+            return torch.zeros_like(x)
+
+    x0, y = torch.randn(6, 3, 4, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    loss = lambda **k: diffusion.training_loss(Zero(), x0, y, 3, 0.0, torch.Generator().manual_seed(5), **k)  # noqa: E731
+    gen = torch.Generator().manual_seed(5)  # the same draws, written out
+    t, eps = torch.randint(0, 1000, (6,), generator=gen), torch.randn(x0.shape, generator=gen)
+    snr = ABAR[t] / (1 - ABAR[t])
+    expected = ((eps ** 2).mean((1, 2, 3)) * snr.clamp(max=5.0) / snr).mean()
+    assert loss(min_snr=5.0).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert loss().item() == pytest.approx((eps ** 2).mean().item(), rel=1e-6)  # off: the plain loss
+    assert loss(min_snr=1e12).item() == pytest.approx(loss().item(), rel=1e-5)  # gamma above every SNR: no weight

@@ -37,7 +37,8 @@ def tiny_teacher(root, monkeypatch):
     monkeypatch.setattr(evaluate, "BOOTSTRAP", 100)  # tiny runs test the plumbing, not the intervals' width
     folder = make_folder(root / "images")
     train_teacher.main(["--dataset", "folder", "--data-dir", folder, "--image-size", "8", "--steps", "4",
-                        "--batch-size", "8", "--grid-every", "1000", "--out", str(root / "t"), "--device", "cpu"])
+                        "--batch-size", "8", "--grid-every", "1000", "--weak-step", "2", "--out", str(root / "t"),
+                        "--device", "cpu"])
     evaluate.load_filter("folder", folder, 8)
     evaluate.load_judge("folder", folder, 8)
     return str(root / "t" / "ckpt.pt")
@@ -71,6 +72,35 @@ def test_train_refiner_end_to_end(tmp_path, monkeypatch, device):
                  "--out", str(tmp_path / "s" / "refined"), "--device", device])
     npz = np.load(tmp_path / "s" / "refined.npz")
     assert npz["images"].shape == (6, 3, 8, 8) and npz["labels"].tolist() == [0, 0, 0, 1, 1, 1]
+
+
+@pytest.mark.parametrize("guidance,nfe", [("cfg+pag", 6.0), ("autoguidance", 4.0), ("interval", 3.0)])
+def test_train_refiner_with_another_guidance(tmp_path, monkeypatch, guidance, nfe):
+    """--guidance makes the pairs with that guidance, and the table compares the refined noise with Gaussian
+    noise under that same guidance (forwards per image counted: with 2 steps, CFG + PAG runs 3 a step,
+    autoguidance 2 (teacher and weak model), the interval 2 at sigma 1.9 (t = 499) and 1 at t = 999)."""
+    teacher = tiny_teacher(tmp_path, monkeypatch)
+    out = tmp_path / "r"
+    train_refiner.main(["--teacher", teacher, *TINY_RUN, "--guidance", guidance, "--interval", "1", "5",
+                        "--out", str(out)])
+    report = json.load(open(out / "metrics.json"))
+    rows = {r["name"]: r for r in report["regimes"]}
+    assert list(rows) == ["unguided", guidance, f"{guidance}_top", "refined"]
+    assert rows[guidance]["w"] == sum(pairs.GUIDANCE_W[guidance]) / 2
+    assert [r["nfe_per_image"] for r in rows.values()] == [2.0, nfe, nfe, 3.0]
+    assert f"refined - {guidance}" in report["differences"]
+
+
+def test_the_cfg_pair_cache_keeps_its_name():
+    """Pairs made before --guidance existed are found again: CFG's cache key is what it was."""
+    import hashlib
+    s = pairs.PairSettings(count=10000)
+    key = json.dumps([pairs.CACHE_VERSION, "fp", s.guide_steps, list(s.w_range), s.pag, s.seed, pairs.shard_size(s)])
+    assert os.path.basename(pairs.cache_dir(s, "runs/teacher/ckpt.pt", "fp")) == \
+        "pairs-" + hashlib.sha256(key.encode()).hexdigest()[:10]
+    auto = pairs.PairSettings(count=10000, guidance="autoguidance")
+    names = {pairs.cache_dir(x, "t/ckpt.pt", "fp", weak) for x, weak in [(s, None), (auto, "weak1"), (auto, "weak2")]}
+    assert len(names) == 3  # another guidance, or another weak model, is another cache
 
 
 def test_the_table_does_not_depend_on_the_filter(tmp_path, monkeypatch):
