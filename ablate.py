@@ -323,6 +323,9 @@ def run_row(row, seed, ctx, args):
         elif row == "npnet":
             refiner = train_npnet(teacher, golden, t, device)
         elif row == "inverted":
+            if len(inverted["target"]) != len(train_pairs["y"]):
+                raise BadInput(f"inverted targets: {len(inverted['target'])} cached for {len(train_pairs['y'])} "
+                               f"training pairs; delete {args.out}/inverted to remake them")
             refiner = train_regression(teacher, train_pairs["x_T"], train_pairs["y"], inverted["target"], t, device,
                                        "inverted")
         else:
@@ -338,7 +341,7 @@ def run_row(row, seed, ctx, args):
 
 
 CACHE_VERSION = 2  # bump when a row's training or scoring changes in a way its settings do not show
-GOLDEN_VERSION = 1  # the same for the npnet row's re-denoised pairs
+GOLDEN_VERSION = 1  # the same for the npnet, golden and inverted rows' derived pairs and targets
 
 
 def settings(row, seed, args, ctx):
@@ -351,7 +354,7 @@ def settings(row, seed, args, ctx):
     if name and name != "cfg":
         extra = {"guidance": name, "pairs_dir": os.path.basename(ctx["pairs_dir"](name)),
                  "w_range": list(pairs.GUIDANCE_W[name])}
-    if row in ("npnet", "inverted"):
+    if row in ("npnet", "inverted", "golden"):
         extra = {"golden": GOLDEN_VERSION}
     return {"version": CACHE_VERSION, "row": row, "seed": seed, "pairs": args.pairs, "filter": args.filter,
             **ctx["fingerprints"], "bank": args.bank, "eval_n": args.eval_n, "small_w": args.small_w,
@@ -438,10 +441,13 @@ def main(argv=None):
     def pairs_of(name):
         return pairs.load_pairs(teacher, pair_filter, pair_settings(name), pairs_dir(name), K, size, guidance(name)[0])
 
-    inverted = lambda train: inverted_targets(teacher, train, device,  # noqa: E731
-                                              os.path.join(args.out, "inverted", f"targets_{fp}_{args.pairs}_{args.filter}.pt"))
+    # the derived caches are named by everything that decides them: the pairs (their folder's name holds the
+    # teacher and the pairs' settings), the filter that scored them, the split, and this code's version
+    derived = f"{os.path.basename(pairs_dir('cfg'))}_{pair_filter.fingerprint()}_v{GOLDEN_VERSION}"
+    inverted = lambda train: inverted_targets(teacher, train, device, os.path.join(  # noqa: E731
+        args.out, "inverted", f"targets_{derived}_{args.filter}_{pairs.VAL_FRAC}.pt"))
     golden = functools.cache(lambda: golden_pairs(teacher, pair_filter, pairs_of("cfg"), device,
-                                                  os.path.join(args.out, "npnet", f"golden_{fp}_{args.pairs}.pt")))
+                                                  os.path.join(args.out, "npnet", f"golden_{derived}.pt")))
     ctx = {"teacher": teacher, "judge": judge, "pairs_of": pairs_of, "pairs_dir": pairs_dir, "golden": golden,
            "inverted": inverted,
            "guidance": lambda name: guidance(name)[0], "device": device, "K": K, "size": size,

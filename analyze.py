@@ -532,7 +532,7 @@ def analysis_guidance(ctx):
           f"comparison: python analyze.py judges")
     header = ["guidance", "setting", "w", "class acc", "FD_cls", "precision", "recall", "forwards / image"]
     table(header, rows, ["", "", "g", ".3f", ".2f", ".3f", ".3f", ".0f"])
-    print("wrote", write_csv(ctx, "guidance", [h.replace(" ", "_") for h in header], rows))
+    print("wrote", write_csv(ctx, "guidance", [h.replace(" / ", "_per_").replace(" ", "_") for h in header], rows))
     return rows
 
 

@@ -90,8 +90,8 @@ def ddim_step(x_t, eps, a_t, b_t):
 
 @torch.no_grad()
 def ddim_invert(model, x0, y, steps):
-    """Run eq. (1) backwards without guidance: x_t = (x_{t-1} - b_t eps) / a_t, eps taken at x_{t-1}
-    (the usual approximation: the exact eps at x_t is unknown before x_t is)."""
+    """Run eq. (1) backwards without guidance: x_t = (x_{t-1} - b_t eps) / a_t, with eps the model's output
+    at x_{t-1} given the timestep t (the usual approximation: the exact eps at x_t is unknown before x_t is)."""
     ts = ddim_timesteps(steps)
     x = x0
     for t, t_prev in reversed(list(zip(ts, ts[1:] + [-1]))):

@@ -25,6 +25,10 @@ def init(device):
     return dist.get_rank(), world, device
 
 
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def is_main():
     return not dist.is_initialized() or dist.get_rank() == 0
 

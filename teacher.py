@@ -222,25 +222,39 @@ def weak_path(path, step):
 def get_weak(path, device, step=None):
     """(weak model, its path): the teacher's own checkpoint of an early step (default: its weak_step), for
     autoguidance (Karras et al. 2024 guide a model with a less-trained version of itself). A teacher trained
-    before such checkpoints were kept gets it by re-running its training to that step: the run is
-    deterministic, so the result is that step's state."""
+    before such checkpoints were kept gets it by re-running its training to that step (rebuild_weak)."""
     ckpt = load_checkpoint(path, "teacher")
-    args = ckpt["args"]
-    step = step or args.get("weak_step") or TeacherSettings.weak_step
+    step = step or ckpt["args"].get("weak_step") or TeacherSettings.weak_step
     if step >= ckpt["step"]:
         raise BadInput(f"autoguidance needs an earlier checkpoint of the teacher {path}, which trained "
                        f"{ckpt['step']} steps, but its weak step is {step}: train it with a smaller --weak-step")
     early = weak_path(path, step)
     if not os.path.isfile(early):
-        fields = {f.name for f in dataclasses.fields(TeacherSettings)}
-        s = TeacherSettings(**{k: v for k, v in args.items() if k in fields})
-        s = dataclasses.replace(s, save_every=step, grid_every=10 ** 9, weak_step=-1)
-        print(f"no step-{step} checkpoint next to {path}: re-running its training to step {step}")
-        scratch = early + ".run"
-        fit(s, scratch, device, stop_at=step)
-        os.replace(os.path.join(scratch, "ckpt.pt"), early)
-        shutil.rmtree(scratch)
+        rebuild_weak(ckpt, path, early, step, device)
     return load_teacher(early, device)[0], early
+
+
+def rebuild_weak(ckpt, path, early, step, device):
+    """Re-run the teacher's training from its stored settings to `step` and keep that checkpoint at `early`,
+    but only if the re-run's losses equal the original's first `step` losses bit for bit: then it retraced
+    the same run (a resume with another --steps, another device or several processes would not)."""
+    if distributed.world_size() > 1:
+        raise BadInput(f"{early} is missing: make it once in one process, with "
+                       f"python -c \"import teacher; teacher.get_weak('{path}', 'cpu')\", then run torchrun again")
+    fields = {f.name for f in dataclasses.fields(TeacherSettings)}
+    s = TeacherSettings(**{k: v for k, v in ckpt["args"].items() if k in fields})
+    s = dataclasses.replace(s, data_dir=data.resolve_dir(s.data_dir), save_every=step, grid_every=10 ** 9, weak_step=-1)
+    print(f"no step-{step} checkpoint next to {path}: re-running its training to step {step}")
+    scratch = early + ".run"
+    fit(s, scratch, device, stop_at=step)
+    rerun = load_checkpoint(os.path.join(scratch, "ckpt.pt"), "teacher")
+    if rerun["losses"] != ckpt.get("losses", [])[:step]:
+        shutil.rmtree(scratch)
+        raise BadInput(f"re-running {path} to step {step} did not retrace its training (resumed with other "
+                       "settings, or trained on another device or in several processes): retrain the teacher, "
+                       "which keeps that step itself (--weak-step)")
+    os.replace(os.path.join(scratch, "ckpt.pt"), early)
+    shutil.rmtree(scratch)
 
 
 def guidance(name, path, device, interval=INTERVAL):

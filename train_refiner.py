@@ -137,8 +137,8 @@ def parse_args(argv=None):
 
 def pair_settings(args):
     kind = "cfg" if args.guidance == "cfg+pag" else args.guidance  # CFG + PAG is CFG with a PAG scale
-    return pairs.PairSettings(args.pairs, args.guide_steps, tuple(args.w_range), args.pag, args.seed, args.amp,
-                              kind, tuple(args.interval))
+    return pairs.PairSettings(count=args.pairs, guide_steps=args.guide_steps, w_range=tuple(args.w_range),
+                              pag=args.pag, guidance=kind, interval=tuple(args.interval), seed=args.seed, amp=args.amp)
 
 
 def training(args):

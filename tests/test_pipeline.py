@@ -91,6 +91,36 @@ def test_train_refiner_with_another_guidance(tmp_path, monkeypatch, guidance, nf
     assert f"refined - {guidance}" in report["differences"]
 
 
+def test_the_flags_describe_the_default_pairs():
+    """train_refiner's flags map onto PairSettings field by field: the defaults are the default pairs, and each
+    guidance flag lands in its own field (a positional slip once made the seed the guidance's name)."""
+    assert train_refiner.pair_settings(train_refiner.parse_args([])) == pairs.PairSettings()
+    s = train_refiner.pair_settings(train_refiner.parse_args(["--guidance", "autoguidance", "--seed", "3"]))
+    assert (s.guidance, s.seed, s.amp, s.w_range, s.pag) == ("autoguidance", 3, "none", pairs.GUIDANCE_W["autoguidance"], 0)
+    s = train_refiner.pair_settings(train_refiner.parse_args(["--guidance", "cfg+pag", "--interval", "1", "2"]))
+    assert (s.guidance, s.pag, s.interval) == ("cfg", pairs.PAG_SCALE, (1.0, 2.0))
+
+
+def test_the_weak_model_is_rebuilt_only_when_the_rerun_retraces_the_teacher(tmp_path, monkeypatch):
+    """An older teacher without its kept step gets it by re-running its training, accepted only if the
+    re-run's losses equal the original's (then its weights equal the step the training kept itself)."""
+    import teacher as teachers
+    from safety import BadInput
+    path = tiny_teacher(tmp_path, monkeypatch)  # 4 steps, keeps step 2
+    kept = torch.load(teachers.weak_path(path, 2), weights_only=True)
+    os.remove(teachers.weak_path(path, 2))
+    teachers.get_weak(path, "cpu")
+    rebuilt = torch.load(teachers.weak_path(path, 2), weights_only=True)
+    assert all(torch.equal(kept["ema"][k], rebuilt["ema"][k]) for k in kept["ema"])
+    os.remove(teachers.weak_path(path, 2))
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["losses"][0] += 1e-3  # as if the first steps had been trained otherwise
+    torch.save(ckpt, path)
+    with pytest.raises(BadInput, match="did not retrace"):
+        teachers.get_weak(path, "cpu")
+    assert not os.path.exists(teachers.weak_path(path, 2)) and not os.path.exists(teachers.weak_path(path, 2) + ".run")
+
+
 def test_the_cfg_pair_cache_keeps_its_name():
     """Pairs made before --guidance existed are found again: CFG's cache key is what it was."""
     import hashlib
