@@ -1,7 +1,7 @@
 """The paper's ablations (§4 of the paper, arXiv 2412.03895) on the embedded default, as one table; and,
 beyond the paper, NoiseRefine on pairs made with other guidances.
 
-    python ablate.py                   # every ablation row over three seeds: 25 minutes on a 2-core CPU (pairs cached)
+    python ablate.py                   # every ablation row over three seeds: 30 minutes on a 2-core CPU (pairs cached)
     python ablate.py --rows n5 lora    # some rows
     python ablate.py --table guidance  # the guidance table: each guidance, from Gaussian and from refined noise
 
