@@ -509,7 +509,7 @@ def guidance_sweep(ctx):
     weak_step = load_checkpoint(ctx.teacher_path, "teacher")["args"].get("weak_step") or TeacherSettings.weak_step
     sweep = [("cfg", "", CFG, 0.0, (2.0, 3.0, 4.0)), ("cfg+pag", f"pag {PAG_SCALE:g}", CFG, PAG_SCALE, (2.0, 3.0, 4.0))]
     for step in (max(1, weak_step // 2), weak_step):
-        weak = get_weak(ctx.teacher_path, ctx.teacher.output_layer().weight.device, step)[0]
+        weak = get_weak(ctx.teacher_path, str(ctx.teacher.output_layer().weight.device), step)[0]
         sweep.append(("autoguidance", f"weak: step {step}", Guidance("autoguidance", weak=weak), 0.0, (1.0, 2.0, 3.0, 4.0)))
     for lo, hi in (INTERVAL, (1.0, 12.0), (0.3, 12.0)):
         scales = (2.0, 3.0, 4.0, 6.0) if (lo, hi) == INTERVAL else (3.0,)
