@@ -198,6 +198,8 @@ def fit(s, out, device, resume=False, stop_at=None, compile=False, rank=0, world
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
+            # the warm-up cap (1 + step) / (10 + step) is below 0.999 until step 8,990: on the 2,500-step CPU
+            # default it governs throughout, an average over about the last ninth of the steps (docs/speed.md)
             update_ema(ema, model, min(s.ema, (1 + step) / (10 + step)))
             losses.append(global_loss)
             step += 1
