@@ -59,7 +59,8 @@ import teacher as teachers
 from checkpoint import fingerprint, save_atomic, save_json
 import cli
 from cli import die, entry_point, print_table, resolve_device, seed_everything
-from diffusion import BATCH, STEPS, T, ddim_coeffs, ddim_invert, ddim_step, ddim_timesteps, guided_eps, q_sample, sample_many
+from diffusion import (BATCH, STEPS, T, ddim_coeffs, ddim_invert, ddim_step, ddim_timesteps, ddim_unstep, guided_eps,
+                       q_sample, sample_many)
 from evaluate import INTERVALS, ForwardCounter, Measured, judge_line, load_filter, load_judge, print_difference, run_regime, seeds_interval
 from models import build_model
 from noiserefine import Refiner, Training, add_lora, cosine_lr, fit, load_refiner, lora_layers, prod_a
@@ -151,7 +152,7 @@ def redenoise(teacher, x_T, y, w, steps=STEPS):
     t, t_next = ddim_timesteps(steps)[:2]
     a_t, b_t = ddim_coeffs(t, t_next)
     x_next = ddim_step(x_T, guided_eps(teacher, x_T, t, y, w), a_t, b_t)
-    return (x_next - b_t * guided_eps(teacher, x_next, t_next, y)) / a_t
+    return ddim_unstep(x_next, guided_eps(teacher, x_next, t_next, y), a_t, b_t)
 
 
 def golden_pairs(teacher, pair_filter, source, device, path):
@@ -297,9 +298,9 @@ def run_row(row, seed, ctx, args):
     model, refiner, w, seconds, guided = teacher, None, 0.0, 0.0, {}
     x_T, y = ctx["bank"]
     if row in GUIDED:  # Gaussian noise with a guidance, at the middle of its pairs' scale range
-        name = GUIDED[row]
-        w = sum(pairs.GUIDANCE_W[name]) / 2
-        guided = dict(guidance=ctx["guidance"](name), pag=pairs.PAG_SCALE if name == "cfg+pag" else 0.0)
+        s = pairs.for_guidance(GUIDED[row])
+        w = sum(s.w_range) / 2
+        guided = dict(guidance=ctx["guidance"](GUIDED[row]), pag=s.pag)
     elif row == "golden":  # NPNet's target itself: each held-out noise re-denoised, its forwards counted
         counter, start = ForwardCounter(teacher), time.perf_counter()
         x_T = torch.cat([redenoise(teacher, x_T[i:i + BATCH].to(device), y[i:i + BATCH].to(device),
@@ -429,17 +430,13 @@ def main(argv=None):
     fp = fingerprint(teacher)
     guidance = functools.cache(lambda name: teachers.guidance(name, args.teacher, device))  # (Guidance, weak fp)
 
-    def pair_settings(name):  # the default refiner's pairs (seed 0), made with the guidance `name`
-        kind = "cfg" if name == "cfg+pag" else name
-        return pairs.PairSettings(count=args.pairs, w_range=pairs.GUIDANCE_W[name], guidance=kind,
-                                  pag=pairs.PAG_SCALE if name == "cfg+pag" else 0.0)
-
-    def pairs_dir(name):
-        return pairs.cache_dir(pair_settings(name), args.teacher, fp, guidance(name)[1])
+    def pairs_dir(name):  # the default refiner's pairs (seed 0), made with the guidance `name`
+        return pairs.cache_dir(pairs.for_guidance(name, count=args.pairs), args.teacher, fp, guidance(name)[1])
 
     @functools.cache
     def pairs_of(name):
-        return pairs.load_pairs(teacher, pair_filter, pair_settings(name), pairs_dir(name), K, size, guidance(name)[0])
+        return pairs.load_pairs(teacher, pair_filter, pairs.for_guidance(name, count=args.pairs), pairs_dir(name), K,
+                                size, guidance(name)[0])
 
     # the derived caches are named by everything that decides them: the pairs (their folder's name holds the
     # teacher and the pairs' settings), the filter that scored them, the split, and this code's version

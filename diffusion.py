@@ -88,6 +88,11 @@ def ddim_step(x_t, eps, a_t, b_t):
     return a_t * x_t + b_t * eps
 
 
+def ddim_unstep(x_prev, eps, a_t, b_t):
+    """Eq. (1) solved for x_t: x_t = (x_{t-1} - b_t eps) / a_t, one step of DDIM inversion."""
+    return (x_prev - b_t * eps) / a_t
+
+
 @torch.no_grad()
 def ddim_invert(model, x0, y, steps):
     """Run eq. (1) backwards without guidance: x_t = (x_{t-1} - b_t eps) / a_t, with eps the model's output
@@ -96,7 +101,7 @@ def ddim_invert(model, x0, y, steps):
     x = x0
     for t, t_prev in reversed(list(zip(ts, ts[1:] + [-1]))):
         a_t, b_t = ddim_coeffs(t, t_prev)
-        x = (x - b_t * model(x, timestep_batch(t, x), y).to(x.dtype)) / a_t
+        x = ddim_unstep(x, model(x, timestep_batch(t, x), y).to(x.dtype), a_t, b_t)
     return x
 
 

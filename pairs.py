@@ -51,6 +51,14 @@ class PairSettings:
     amp: str = "none"         # "bf16": the guided steps under bf16 autocast (accel.py)
 
 
+def for_guidance(name, **fields):
+    """The PairSettings of a guidance name of train_refiner.py --guidance, at its scale range GUIDANCE_W;
+    cfg+pag is CFG with the paper's PAG scale. fields override (count, seed, w_range, pag, ...)."""
+    defaults = dict(w_range=GUIDANCE_W[name], guidance="cfg" if name == "cfg+pag" else name,
+                    pag=PAG_SCALE if name == "cfg+pag" else 0.0)
+    return PairSettings(**{**defaults, **fields})
+
+
 def shard_size(s):
     return min(SHARD, s.count)
 

@@ -120,10 +120,11 @@ def parse_args(argv=None):
     if args.w is not None:
         args.w_range = [args.w, args.w]
         given.add("w_range")
+    default = pairs.for_guidance(args.guidance)  # the guidance's own scale range and PAG scale
     if args.w_range is None:
-        args.w_range = list(pairs.GUIDANCE_W[args.guidance])
+        args.w_range = list(default.w_range)
     if args.pag is None:
-        args.pag = pairs.PAG_SCALE if args.guidance == "cfg+pag" else 0.0
+        args.pag = default.pag
     if args.guidance == "autoguidance" and args.pag:
         die("--pag goes with --guidance cfg, cfg+pag or interval, not autoguidance")
     if args.w_range[0] > args.w_range[1]:
@@ -136,9 +137,9 @@ def parse_args(argv=None):
 
 
 def pair_settings(args):
-    kind = "cfg" if args.guidance == "cfg+pag" else args.guidance  # CFG + PAG is CFG with a PAG scale
-    return pairs.PairSettings(count=args.pairs, guide_steps=args.guide_steps, w_range=tuple(args.w_range),
-                              pag=args.pag, guidance=kind, interval=tuple(args.interval), seed=args.seed, amp=args.amp)
+    return pairs.for_guidance(args.guidance, count=args.pairs, guide_steps=args.guide_steps,
+                              w_range=tuple(args.w_range), pag=args.pag, interval=tuple(args.interval),
+                              seed=args.seed, amp=args.amp)
 
 
 def training(args):

@@ -40,6 +40,12 @@ def test_coefficients_agree_with_a_plain_ddim_update():
         assert torch.allclose(a_t * x + b_t * eps, plain, atol=1e-10)
 
 
+def test_ddim_unstep_inverts_ddim_step():
+    x, eps = torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    for t, a_t, b_t in ddim_schedule(5):
+        assert torch.allclose(diffusion.ddim_unstep(diffusion.ddim_step(x, eps, a_t, b_t), eps, a_t, b_t), x)
+
+
 class OracleEps(torch.nn.Module):
     """Returns the very noise used to make x_t from x0: the ideal denoiser for this one x0."""
     num_classes = 1
