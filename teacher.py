@@ -39,16 +39,16 @@ class TeacherSettings:
     model: str = "unet-tiny"
     image_size: int = None  # None: the preset's size
     batch_size: int = 128   # the global batch (split over torchrun's processes)
-    lr: float = 4e-3        # with warmup 100 and 2,000 steps: as good a teacher as 2e-3 / 200 / 2,500 steps,
-    warmup: int = 100       # 20% sooner (docs/speed.md, "What bought what")
+    lr: float = 2e-3
+    warmup: int = 200
     lr_decay: str = "cosine"  # after the warm-up: "cosine" to 10% of lr, or "none" (constant)
-    steps: int = 2000
+    steps: int = 2500
     cond_drop: float = 0.1  # probability of the null label, so one network also gives eps_u
     min_snr: float = 0.0    # > 0: Min-SNR-gamma loss weighting (diffusion.training_loss); 0: plain eps loss
     ema: float = 0.999
     hflip: bool = False     # random horizontal flips of the training images (natural photos only)
     amp: str = "none"       # "bf16": autocast the forward (accel.py)
-    grid_every: int = 2000  # one grid, at the end: each costs the CPU default about 5 s (docs/speed.md)
+    grid_every: int = 2500  # one grid, at the end: each costs the CPU default about 5 s (docs/speed.md)
     grid_w: float = DISPLAY_W
     save_every: int = 500
     weak_step: int = 1000   # this step's checkpoint is also kept, as autoguidance's weak model (weak_path)
@@ -198,7 +198,7 @@ def fit(s, out, device, resume=False, stop_at=None, compile=False, rank=0, world
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            # the warm-up cap (1 + step) / (10 + step) is below 0.999 until step 8,990: on the 2,000-step CPU
+            # the warm-up cap (1 + step) / (10 + step) is below 0.999 until step 8,990: on the 2,500-step CPU
             # default it governs throughout, an average over about the last ninth of the steps (docs/speed.md)
             update_ema(ema, model, min(s.ema, (1 + step) / (10 + step)))
             losses.append(global_loss)
