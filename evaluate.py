@@ -36,6 +36,10 @@ from cli import entry_point, print_table, resolve_device
 from diffusion import BATCH, CFG, STEPS, sample_many
 
 CLASSIFIER_STEPS = 600  # enough for >= 99% held-out accuracy on the embedded set (about 30 s on 2 cores)
+# The embedded set's filter and judge, as this code trained them, ship with the repository (1.9 MB): a fixed
+# yardstick, as FID ships its Inception weights, and 50 s less for README command 1. A cached file of the
+# same name (data set hash, spec, steps) is used first; `python evaluate.py --check-classifiers` retrains both.
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "classifiers")
 MIRROR_SAFE = ("shapes", "cifar10", "imagenet64")  # sets whose classes survive a left-right flip
 BOOTSTRAP = 1000  # resamples of the held-out noises behind every 95% interval
 INTERVALS = ("class_acc", "fd_cls")  # the scores that carry one
@@ -154,8 +158,9 @@ def load_or_train(spec, dataset, data_dir, image_size, device="cpu", steps=None)
     test = data.load_dataset(dataset, data_dir, image_size, "test")
     flip, steps = dataset in MIRROR_SAFE, steps or CLASSIFIER_STEPS
     path = classifier_path(dataset, data_dir, test, spec, flip, steps)
-    if os.path.isfile(path):
-        ckpt = load_checkpoint(path, "classifier", flag="classifier cache")
+    found = next((p for p in (path, shipped_path(path)) if os.path.isfile(p)), None)
+    if found:
+        ckpt = load_checkpoint(found, "classifier", flag="classifier cache")
         net = Classifier(len(ckpt["classes"]), spec.width)
         net.load_state_dict(ckpt["model"])
         net.to(device).eval()
@@ -168,6 +173,30 @@ def load_or_train(spec, dataset, data_dir, image_size, device="cpu", steps=None)
         print(f"{spec.role} trained on {len(train)} images: held-out accuracy on real images {acc:.3f}; "
               f"cached at {path}")
     return Trained(net, spec, acc, device), test
+
+
+def shipped_path(path):
+    """Where the repository's own copy of the classifier cached at `path` would be (its name says what it is)."""
+    return os.path.join(SHIPPED, os.path.basename(path))
+
+
+def check_shipped(device="cpu"):
+    """Retrain each shipped classifier of the embedded set from scratch and compare it with the shipped copy;
+    {role: (max |weight difference|, retrained held-out accuracy, shipped accuracy)}."""
+    test = data.load_dataset("shapes", "data", 16, "test")
+    train = data.load_dataset("shapes", "data", 16, "train")
+    out = {}
+    for spec in (FILTER, JUDGE):
+        shipped = shipped_path(classifier_path("shapes", "data", test, spec, True, CLASSIFIER_STEPS))
+        if not os.path.isfile(shipped):
+            raise cli.BadInput(f"{shipped}: no shipped {spec.role} for the embedded set (expected by --check-classifiers)")
+        ckpt = load_checkpoint(shipped, "classifier", flag="--check-classifiers")
+        net, acc = train_classifier(half_of(train, spec.half), test, spec, True, device=device)
+        diff = max((net.state_dict()[k].cpu().float() - v.float()).abs().max().item() for k, v in ckpt["model"].items())
+        out[spec.role] = (diff, acc, ckpt["test_acc"])
+        print(f"{spec.role}: retrained here, largest weight difference from the shipped copy {diff:.3g}"
+              f"{' (identical)' if diff == 0 else ''}; held-out accuracy {acc:.3f} (shipped {ckpt['test_acc']:.3f})")
+    return out
 
 
 def load_filter(dataset, data_dir, image_size, device="cpu", steps=None):
@@ -448,6 +477,8 @@ def build_parser():
                    "pytorch-fid; fid.py)")
     p.add_argument("--seed", type=cli.SEED, default=0, help="seeds torch; the noise bank itself is fixed")
     p.add_argument("--device", type=cli.device, default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--check-classifiers", action="store_true", help="only retrain the shipped filter and judge of "
+                   "the embedded set (classifiers/) and compare them with the shipped copies (about a minute)")
     return p
 
 
@@ -455,6 +486,8 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     device = resolve_device(args.device)
+    if args.check_classifiers:
+        return check_shipped(device)
     torch.manual_seed(args.seed)
     import fid  # fid.py builds on this module's scores
     inception = fid.inception(device) if args.fid else None  # a missing package fails before the sampling

@@ -182,3 +182,22 @@ def test_judge_and_filter_are_different_networks_from_disjoint_halves(tmp_path, 
     assert judge.trained.net.head.in_features != pair_filter.net.head.in_features
     assert len([n for n in os.listdir(folder) if n.startswith("classifier-")]) == 2  # two caches
     assert isinstance(pair_filter, Trained) and dataclasses.asdict(judge.trained.spec)["role"] == "judge"
+
+
+@pytest.mark.parametrize("spec", [evaluate.FILTER, evaluate.JUDGE], ids=lambda s: s.role)
+def test_the_shipped_classifier_is_the_one_the_embedded_set_asks_for_and_it_works(tmp_path, monkeypatch, spec):
+    """README command 1 loads the shipped filter and judge instead of training them: the shipped file must be
+    the one today's spec, steps and held-out images name (a change to any of them renames the cache, and
+    this test fails until the copies are retrained: `python evaluate.py --check-classifiers`), it must be
+    used without training, and it must still classify the real held-out images as its record says."""
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained a classifier that ships with the repository")
+    monkeypatch.setattr(evaluate, "train_classifier", no_training)
+    trained, test = evaluate.load_or_train(spec, "shapes", str(tmp_path), 16)  # an empty cache folder
+    shipped = evaluate.shipped_path(evaluate.classifier_path("shapes", str(tmp_path), test, spec, True,
+                                                             evaluate.CLASSIFIER_STEPS))
+    assert os.path.isfile(shipped) and not os.listdir(tmp_path)
+    assert trained.net.head.in_features == 4 * spec.width
+    x, labels = test.batch(slice(None))
+    acc = (evaluate.predict(trained.net, x).argmax(1) == labels).float().mean().item()
+    assert acc == trained.test_acc and acc >= 0.99
