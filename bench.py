@@ -15,6 +15,18 @@ printed when a configuration's rounds differ by more than SPREAD_WARN. `--load-c
 refined/CFG ratio on a quiet machine and again beside a CPU-burning process, and says whether they agree
 within LOAD_TOLERANCE. Forwards per image are counted by a hook on the networks, not assumed.
 
+On a CPU the timing runs on one thread by default (--threads). With every core in use, another process
+on the machine takes a core that one of our threads needs, and every operation waits at its barrier for
+that thread; how long depends on the operation's size, so CFG's batch of 2B and refined sampling's batch
+of B are slowed by different shares and their ratio moves (by up to 32% with --quick on 2 cores beside one
+busy process, docs/speed.md). On one thread the other process takes the other core and the ratio holds
+(within 2%). Absolute speed on all cores: --threads 0.
+
+And the allocator is held steady. glibc moves its mmap threshold with the program's history of frees, so
+one process serves a batch's activations from reused heap memory and the next maps fresh pages for them;
+that alone made the UNet's refined/CFG ratio 1.87x in one quiet process and 2.69x in the next. bench.py
+fixes the threshold at 128 KB (mallopt) before it times anything: 1.90-2.01x over five processes.
+
 Peak memory is the memory the work itself needs: on CUDA torch.cuda.max_memory_allocated minus what was
 allocated once the networks and inputs were in place; on CPU each configuration runs in its own
 subprocess and reports its peak RSS minus its RSS at that same point (the peak is reset there through
@@ -25,6 +37,8 @@ limit 2N / (N + 1)); L_MSD needs no backward through the N teacher calls (on pap
 forward-equivalents less work than full backprop, and memory for one network instead of N + 1).
 """
 import argparse
+import ctypes
+import ctypes.util
 import json
 import os
 import statistics
@@ -68,6 +82,9 @@ def build_parser():
     p.add_argument("--teacher-batch", type=cli.integer(1, 65536), default=None, help="teacher training batch "
                    "(default: CPU 16, CUDA 128)")
     p.add_argument("--repeats", type=cli.integer(1, 1000), default=5, help="interleaved timed rounds per table")
+    p.add_argument("--threads", type=cli.integer(0, 4096), default=None, help="torch's CPU threads (default: 1 "
+                   "on a CPU, so that other work on the machine cannot move a ratio; 0: torch's own default, "
+                   "all cores; on CUDA the default is torch's)")
     accel.add_flags(p, amp=True)  # sampling and MSD rows; the teacher rows time fp32 and bf16 side by side
     p.add_argument("--compile", action="store_true", help="also time bf16 teacher training with torch.compile")
     p.add_argument("--channels-last", action="store_true", help="also time bf16 UNet teacher training in "
@@ -92,6 +109,7 @@ def parse_args(argv=None):
     args.msd_batch = args.msd_batch or (64 if cuda else 32)
     args.teacher_models = args.teacher_models or (["unet-tiny", "dit-tiny"] if args.quick else PRESET_NAMES)
     args.teacher_batch = args.teacher_batch or (128 if cuda else 16)
+    args.threads = (0 if cuda else 1) if args.threads is None else args.threads
     return args
 
 
@@ -334,8 +352,9 @@ def measure_memory(part, kwargs, device):
         torch.cuda.empty_cache()
         return memory_of(part, kwargs, device)
     spec = json.dumps({"part": part, "kwargs": kwargs})
-    result = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", spec, "--device", device],
-                            capture_output=True, text=True, env=dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072"))
+    result = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", spec, "--device", device,
+                             "--threads", str(torch.get_num_threads())],
+                            capture_output=True, text=True, env=dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD)))
     if result.returncode != 0:
         die(f"bench.py: measuring the memory of {part} {kwargs} failed: {result.stderr.strip().splitlines()[-1]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -415,9 +434,24 @@ def gpu_peak_tflops(device):
 # ----------------------------------------------------------------------------------------------
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+MMAP_THRESHOLD = 128 * 1024  # glibc's own starting value, fixed: no adapting to the history of frees
+
+
+def steady_allocator():
+    """Fix glibc's mmap threshold (see the module docstring); False where there is no glibc (macOS,
+    Windows, musl), and timing goes on with the allocator as it is."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
+
+
 def header(device):
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
-    return {"device": name, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    return {"device": name, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "steady_allocator": steady_allocator()}
 
 
 def fmt(value, spec):
@@ -438,7 +472,8 @@ def print_sampling(rows):
         cells.append([r["model"], r["steps"], r["regime"], r["batch"], f"{r['img_per_s']:.1f} [{lo:.1f}-{hi:.1f}]",
                       f"{r['nfe_per_image']:.1f}", fmt(r["peak_mem_mb"], ".1f")])
     print_table(["model", "steps", "regime", "batch", "img/s [min-max]", "NFE/img", "peak MB"], cells)
-    print("refined/CFG images per second (median [min-max] of per-round ratios) beside the forward-count limit "
+    print("refined/CFG images per second (ratio of the fastest rounds [min-max of per-round ratios]) beside the "
+          "forward-count limit "
           "2N/(N+1), the measured premium of CFG's doubled batch, t(2B) / (2 t(B)), and their product:")
     cells = []
     for r in rows:
@@ -485,6 +520,8 @@ def print_teacher(rows):
 def main(argv=None):
     args = parse_args(argv)
     device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:  # one configuration's memory, measured in a process of its own (see measure_memory)
         spec = json.loads(args.child)
         print(json.dumps(memory_of(spec["part"], spec["kwargs"], device)))
@@ -498,7 +535,8 @@ def main(argv=None):
         return
     mem_note = ("torch.cuda.max_memory_allocated minus allocated before the call" if device.startswith("cuda")
                 else "peak RSS minus RSS before the call, each row in its own subprocess")
-    print(f"bench.py on {head['device']}, torch {head['torch']}, {head['threads']} threads; {args.repeats} timed "
+    print(f"bench.py on {head['device']}, torch {head['torch']}, {head['threads']} threads"
+          f"{', glibc mmap threshold fixed' if head['steady_allocator'] else ''}; {args.repeats} timed "
           f"rounds after a warm-up, configurations interleaved (times: median [min-max]; ratios: of the fastest "
           f"rounds [min-max of per-round ratios]); peak memory of one call "
           f"after a warm-up call: {mem_note}; sampling and MSD rows with --amp {args.amp}")

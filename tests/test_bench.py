@@ -41,4 +41,13 @@ def test_load_check_reports_both_statistics_quiet_and_busy(tmp_path):
         r = check[machine]
         assert r["best"] > 0 and r["min"] <= r["median"] <= r["max"]
     assert abs(check["change_best"] - (check["busy"]["best"] / check["quiet"]["best"] - 1)) < 1e-12
+    report = json.load(open(out))
+    assert report["threads"] == 1  # the CPU default: a busy core cannot stall one thread
+    assert report["steady_allocator"] is sys.platform.startswith("linux")  # glibc's mallopt took the threshold
     assert "fastest rounds" in result.stdout and "busy" in result.stdout
+
+
+def test_threads_default_to_one_on_a_cpu_and_zero_means_torchs_own():
+    import bench
+    assert bench.parse_args([]).threads == 1 and bench.parse_args(["--threads", "0"]).threads == 0
+    assert bench.parse_args(["--threads", "2"]).threads == 2
