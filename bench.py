@@ -23,9 +23,11 @@ busy process, docs/speed.md). On one thread the other process takes the other co
 (within 2%). Absolute speed on all cores: --threads 0.
 
 And the allocator is held steady. glibc moves its mmap threshold with the program's history of frees, so
-one process serves a batch's activations from reused heap memory and the next maps fresh pages for them;
-that alone made the UNet's refined/CFG ratio 1.87x in one quiet process and 2.69x in the next. bench.py
-fixes the threshold at 128 KB (mallopt) before it times anything: 1.90-2.01x over five processes.
+one process serves a batch's activations from reused heap memory and the next maps (and page-faults) fresh
+pages for them; that alone made the UNet's refined/CFG ratio anything from 2.04x to 2.76x in quiet processes
+of the same command. Before it times anything, bench.py fixes the threshold at 32 MB, glibc's own ceiling for
+it, and the trim threshold at 256 MB (mallopt), so every process serves activations from the heap it keeps:
+1.79-1.87x over five processes, and CFG 1.5x faster than in the slow ones.
 
 Peak memory is the memory the work itself needs: on CUDA torch.cuda.max_memory_allocated minus what was
 allocated once the networks and inputs were in place; on CPU each configuration runs in its own
@@ -434,16 +436,17 @@ def gpu_peak_tflops(device):
 # ----------------------------------------------------------------------------------------------
 
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
-MMAP_THRESHOLD = 128 * 1024  # glibc's own starting value, fixed: no adapting to the history of frees
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+STEADY = {M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 256 << 20}  # timing: keep and reuse the heap
+MMAP_THRESHOLD = 128 * 1024  # memory children: every block over 128 KB returns to the OS, so RSS follows tensors
 
 
 def steady_allocator():
-    """Fix glibc's mmap threshold (see the module docstring); False where there is no glibc (macOS,
+    """Fix glibc's mmap and trim thresholds (see the module docstring); False where there is no glibc (macOS,
     Windows, musl), and timing goes on with the allocator as it is."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+        return all(libc.mallopt(param, value) == 1 for param, value in STEADY.items())
     except (OSError, AttributeError):
         return False
 
@@ -536,7 +539,7 @@ def main(argv=None):
     mem_note = ("torch.cuda.max_memory_allocated minus allocated before the call" if device.startswith("cuda")
                 else "peak RSS minus RSS before the call, each row in its own subprocess")
     print(f"bench.py on {head['device']}, torch {head['torch']}, {head['threads']} threads"
-          f"{', glibc mmap threshold fixed' if head['steady_allocator'] else ''}; {args.repeats} timed "
+          f"{', glibc heap held steady' if head['steady_allocator'] else ''}; {args.repeats} timed "
           f"rounds after a warm-up, configurations interleaved (times: median [min-max]; ratios: of the fastest "
           f"rounds [min-max of per-round ratios]); peak memory of one call "
           f"after a warm-up call: {mem_note}; sampling and MSD rows with --amp {args.amp}")
