@@ -18,13 +18,14 @@ within LOAD_TOLERANCE. Forwards per image are counted by a hook on the networks,
 On a CPU the timing runs on one thread by default (--threads). With every core in use, another process
 on the machine takes a core that one of our threads needs, and every operation waits at its barrier for
 that thread; how long depends on the operation's size, so CFG's batch of 2B and refined sampling's batch
-of B are slowed by different shares and their ratio moves (by up to 32% with --quick on 2 cores beside one
-busy process, docs/speed.md). On one thread the other process takes the other core and the ratio holds
-(within 2%). Absolute speed on all cores: --threads 0.
+of B are slowed by different shares and their ratio moves (with two threads, and before the allocator fix
+below, --quick's ratios moved by up to 26% beside one busy process). On one thread the other process takes
+the other core (with the steady heap, --quick's ratios stayed within 2% of the quiet runs': docs/speed.md).
+Absolute speed on all cores: --threads 0.
 
 And the allocator is held steady. glibc moves its mmap threshold with the program's history of frees, so
 one process serves a batch's activations from reused heap memory and the next maps (and page-faults) fresh
-pages for them; that alone made the UNet's refined/CFG ratio anything from 2.04x to 2.76x in quiet processes
+pages for them; that alone made the UNet's refined/CFG ratio anything from 1.87x to 2.76x in quiet processes
 of the same command. Before it times anything, bench.py fixes the threshold at 32 MB, glibc's own ceiling for
 it, and the trim threshold at 256 MB (mallopt), so every process serves activations from the heap it keeps:
 1.79-1.87x over five processes, and CFG 1.5x faster than in the slow ones.

@@ -18,9 +18,11 @@ compares regimes on one fixed bank of held-out noises with balanced labels (the 
 """
 import dataclasses
 import hashlib
+import inspect
 import json
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -123,11 +125,14 @@ def predict(clf, images, device="cpu", batch_size=500, features=False):
     return torch.cat(out)
 
 
+CLASSIFIER_CODE = inspect.getsource(Classifier) + inspect.getsource(train_classifier)  # an edit renames the caches
+
+
 def classifier_path(dataset, data_dir, test, spec, flip, steps):
     """Keyed by a hash of the held-out images (a changed data set never reuses a stale classifier) and by
-    everything that makes the classifier what it is."""
+    everything that makes the classifier what it is: its spec, flips, steps and the code that trains it."""
     digest = hashlib.sha256(test.images.numpy().tobytes()).hexdigest()[:8]
-    key = hashlib.sha256(json.dumps([dataclasses.asdict(spec), flip, steps]).encode()).hexdigest()[:6]
+    key = hashlib.sha256(json.dumps([dataclasses.asdict(spec), flip, steps, CLASSIFIER_CODE]).encode()).hexdigest()[:6]
     return os.path.join(data_dir, f"classifier-{dataset}-{test.images.shape[-1]}px-{digest}-{spec.role}-{key}.pt")
 
 
@@ -180,23 +185,29 @@ def shipped_path(path):
     return os.path.join(SHIPPED, os.path.basename(path))
 
 
-def check_shipped(device="cpu"):
-    """Retrain each shipped classifier of the embedded set from scratch and compare it with the shipped copy;
-    {role: (max |weight difference|, retrained held-out accuracy, shipped accuracy)}."""
+def check_shipped():
+    """Retrain each classifier of the embedded set on the CPU and compare it with the shipped copy; where no
+    copy has today's name (the spec, steps or training code changed), write one to commit. Exit status 1 if
+    a copy differs: on the CPU that made them, the code changed; on another CPU, its last bits may differ."""
     test = data.load_dataset("shapes", "data", 16, "test")
     train = data.load_dataset("shapes", "data", 16, "train")
-    out = {}
+    differs = False
     for spec in (FILTER, JUDGE):
         shipped = shipped_path(classifier_path("shapes", "data", test, spec, True, CLASSIFIER_STEPS))
+        net, acc = train_classifier(half_of(train, spec.half), test, spec, True)
         if not os.path.isfile(shipped):
-            raise cli.BadInput(f"{shipped}: no shipped {spec.role} for the embedded set (expected by --check-classifiers)")
+            save_atomic({"kind": "classifier", "format": FORMAT, "model": net.state_dict(), "classes": train.classes,
+                         "test_acc": acc, "spec": dataclasses.asdict(spec)}, shipped)
+            print(f"{spec.role}: no shipped copy under today's name; wrote {shipped} (held-out accuracy {acc:.3f}): "
+                  f"commit it, and remove the copy it replaces")
+            continue
         ckpt = load_checkpoint(shipped, "classifier", flag="--check-classifiers")
-        net, acc = train_classifier(half_of(train, spec.half), test, spec, True, device=device)
-        diff = max((net.state_dict()[k].cpu().float() - v.float()).abs().max().item() for k, v in ckpt["model"].items())
-        out[spec.role] = (diff, acc, ckpt["test_acc"])
+        diff = max((net.state_dict()[k].float() - v.float()).abs().max().item() for k, v in ckpt["model"].items())
+        differs |= diff > 0
         print(f"{spec.role}: retrained here, largest weight difference from the shipped copy {diff:.3g}"
               f"{' (identical)' if diff == 0 else ''}; held-out accuracy {acc:.3f} (shipped {ckpt['test_acc']:.3f})")
-    return out
+    if differs:
+        sys.exit("the shipped classifiers differ from the ones this code trains on this CPU")
 
 
 def load_filter(dataset, data_dir, image_size, device="cpu", steps=None):
@@ -477,8 +488,9 @@ def build_parser():
                    "pytorch-fid; fid.py)")
     p.add_argument("--seed", type=cli.SEED, default=0, help="seeds torch; the noise bank itself is fixed")
     p.add_argument("--device", type=cli.device, default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--check-classifiers", action="store_true", help="only retrain the shipped filter and judge of "
-                   "the embedded set (classifiers/) and compare them with the shipped copies (about a minute)")
+    p.add_argument("--check-classifiers", action="store_true", help="only retrain the filter and judge of the "
+                   "embedded set on the CPU and compare them with the copies in classifiers/, or write a copy where "
+                   "none has today's name (about a minute)")
     return p
 
 
@@ -487,7 +499,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     device = resolve_device(args.device)
     if args.check_classifiers:
-        return check_shipped(device)
+        return check_shipped()
     torch.manual_seed(args.seed)
     import fid  # fid.py builds on this module's scores
     inception = fid.inception(device) if args.fid else None  # a missing package fails before the sampling

@@ -49,5 +49,6 @@ def test_load_check_reports_both_statistics_quiet_and_busy(tmp_path):
 
 def test_threads_default_to_one_on_a_cpu_and_zero_means_torchs_own():
     import bench
-    assert bench.parse_args([]).threads == 1 and bench.parse_args(["--threads", "0"]).threads == 0
-    assert bench.parse_args(["--threads", "2"]).threads == 2
+    cpu = ["--device", "cpu"]
+    assert bench.parse_args(cpu).threads == 1 and bench.parse_args(cpu + ["--threads", "0"]).threads == 0
+    assert bench.parse_args(cpu + ["--threads", "2"]).threads == 2

@@ -187,8 +187,8 @@ def test_judge_and_filter_are_different_networks_from_disjoint_halves(tmp_path, 
 @pytest.mark.parametrize("spec", [evaluate.FILTER, evaluate.JUDGE], ids=lambda s: s.role)
 def test_the_shipped_classifier_is_the_one_the_embedded_set_asks_for_and_it_works(tmp_path, monkeypatch, spec):
     """README command 1 loads the shipped filter and judge instead of training them: the shipped file must be
-    the one today's spec, steps and held-out images name (a change to any of them renames the cache, and
-    this test fails until the copies are retrained: `python evaluate.py --check-classifiers`), it must be
+    the one today's spec, steps, held-out images and training code name (a change to any of them renames the
+    cache, and this test fails until `python evaluate.py --check-classifiers` writes new copies), it must be
     used without training, and it must still classify the real held-out images as its record says."""
     def no_training(*args, **kwargs):
         raise AssertionError("trained a classifier that ships with the repository")
@@ -200,4 +200,4 @@ def test_the_shipped_classifier_is_the_one_the_embedded_set_asks_for_and_it_work
     assert trained.net.head.in_features == 4 * spec.width
     x, labels = test.batch(slice(None))
     acc = (evaluate.predict(trained.net, x).argmax(1) == labels).float().mean().item()
-    assert acc == trained.test_acc and acc >= 0.99
+    assert abs(acc - trained.test_acc) <= 1 / len(labels) and acc >= 0.99  # one image's leeway on another CPU
