@@ -69,7 +69,10 @@ def test_ctrl_c_in_training_is_one_line_saying_what_was_kept(tmp_path):
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_teacher.py"), "--dataset", "folder",
                              "--data-dir", folder, "--image-size", "8", "--batch-size", "8", "--steps", "100000",
                              "--save-every", "10", "--grid-every", "100000", "--out", str(out), "--device", "cpu"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            # a shell that starts the tests in the background (`cmd &`) makes them ignore SIGINT,
+                            # and a child inherits that; a terminal's Ctrl-C reaches a run with the default action
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not ckpt.exists():
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be interrupted"
