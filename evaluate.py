@@ -40,7 +40,7 @@ from diffusion import BATCH, CFG, STEPS, sample_many
 CLASSIFIER_STEPS = 600  # enough for >= 99% held-out accuracy on the embedded set (about 30 s on 2 cores)
 # The embedded set's filter and judge, as this code trained them, ship with the repository (1.9 MB): a fixed
 # yardstick, as FID ships its Inception weights, and 50 s less for README command 1. A cached file of the
-# same name (data set hash, spec, steps) is used first; `python evaluate.py --check-classifiers` retrains both.
+# same name (data set hash, spec, steps, training code) is used first; `python evaluate.py --check-classifiers` retrains both.
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "classifiers")
 MIRROR_SAFE = ("shapes", "cifar10", "imagenet64")  # sets whose classes survive a left-right flip
 BOOTSTRAP = 1000  # resamples of the held-out noises behind every 95% interval
@@ -173,11 +173,15 @@ def load_or_train(spec, dataset, data_dir, image_size, device="cpu", steps=None)
     else:
         train = half_of(data.load_dataset(dataset, data_dir, image_size, "train"), spec.half)
         net, acc = train_classifier(train, test, spec, flip, steps, device=device)
-        save_atomic({"kind": "classifier", "format": FORMAT, "model": net.state_dict(), "classes": train.classes,
-                     "test_acc": acc, "spec": dataclasses.asdict(spec)}, path)
+        save_classifier(net, acc, train.classes, spec, path)
         print(f"{spec.role} trained on {len(train)} images: held-out accuracy on real images {acc:.3f}; "
               f"cached at {path}")
     return Trained(net, spec, acc, device), test
+
+
+def save_classifier(net, acc, classes, spec, path):
+    save_atomic({"kind": "classifier", "format": FORMAT, "model": net.state_dict(), "classes": classes,
+                 "test_acc": acc, "spec": dataclasses.asdict(spec)}, path)
 
 
 def shipped_path(path):
@@ -191,13 +195,12 @@ def check_shipped():
     a copy differs: on the CPU that made them, the code changed; on another CPU, its last bits may differ."""
     test = data.load_dataset("shapes", "data", 16, "test")
     train = data.load_dataset("shapes", "data", 16, "train")
-    differs = False
+    flip, differs = "shapes" in MIRROR_SAFE, False
     for spec in (FILTER, JUDGE):
-        shipped = shipped_path(classifier_path("shapes", "data", test, spec, True, CLASSIFIER_STEPS))
-        net, acc = train_classifier(half_of(train, spec.half), test, spec, True)
+        shipped = shipped_path(classifier_path("shapes", "data", test, spec, flip, CLASSIFIER_STEPS))
+        net, acc = train_classifier(half_of(train, spec.half), test, spec, flip)
         if not os.path.isfile(shipped):
-            save_atomic({"kind": "classifier", "format": FORMAT, "model": net.state_dict(), "classes": train.classes,
-                         "test_acc": acc, "spec": dataclasses.asdict(spec)}, shipped)
+            save_classifier(net, acc, train.classes, spec, shipped)
             print(f"{spec.role}: no shipped copy under today's name; wrote {shipped} (held-out accuracy {acc:.3f}): "
                   f"commit it, and remove the copy it replaces")
             continue
