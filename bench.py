@@ -11,7 +11,7 @@ the ratio of the two configurations' fastest rounds, printed beside the min-max 
 (CUDA: synchronised around the timed region). Why the fastest round: other work on the machine can only
 make a round slower, never faster, so each configuration's fastest round is the least disturbed measure
 of it (the advice of Python's timeit); a median still moves when half the rounds are slowed. A warning is
-printed when a configuration's rounds differ by more than SPREAD_WARN. `--load-check` measures the
+printed when a configuration's rounds differ by more than timing.SPREAD_WARN. `--load-check` measures the
 refined/CFG ratio on a quiet machine and again beside a CPU-burning process, and says whether they agree
 within LOAD_TOLERANCE. Forwards per image are counted by a hook on the networks, not assumed.
 
@@ -47,7 +47,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
@@ -61,6 +60,7 @@ from models import PRESET_NAMES, build_model, model_config
 from pairs import DISPLAY_W
 from diffusion import sample, training_loss
 from evaluate import ForwardCounter
+from timing import interleaved_seconds, ratio, ratio_text
 from noiserefine import Refiner, full_loss, msd_loss
 
 REGIMES = ("unguided", "cfg", "refined")
@@ -164,43 +164,7 @@ def peak_memory_mb(fn, device):
     return memory.stop()
 
 
-SPREAD_WARN = 1.25  # a configuration whose slowest round took this much longer than its fastest is flagged
-
-
 LOAD_TOLERANCE = 0.15  # --load-check: a busy machine may move the refined/CFG ratio by at most this share
-
-
-def spread(values):
-    """{'median', 'min', 'max'} of per-round values."""
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
-def ratio(slow, fast):
-    """slow / fast from per-round seconds: 'best', the ratio of each one's fastest round (the statistic
-    reported), with the median, min and max of the per-round ratios (the spread printed beside it)."""
-    return {"best": min(slow) / min(fast), **spread([s / f for s, f in zip(slow, fast)])}
-
-
-def interleaved_seconds(fns, device, repeats, label=""):
-    """{name: [seconds of each round]}: a warm-up call of each, then `repeats` rounds timing each fn in
-    turn, so that a slow spell of the machine hits every configuration alike instead of one of them."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
-    for name, t in times.items():
-        if max(t) > SPREAD_WARN * min(t):
-            print(f"warning: {label}{name}: rounds took {min(t):.3g}-{max(t):.3g} s (more than {SPREAD_WARN}x apart); "
-                  "the machine was busy, read this row's spread", file=sys.stderr)
-    return times
 
 
 def random_teacher(name, device, seed):
@@ -460,11 +424,6 @@ def header(device):
 
 def fmt(value, spec):
     return "-" if value is None else format(value, spec)
-
-
-def ratio_text(r):
-    """'best [min-max]x': the ratio of the fastest rounds, and the range of the per-round ratios."""
-    return f"{r['best']:.2f} [{r['min']:.2f}-{r['max']:.2f}]x"
 
 
 def print_sampling(rows):

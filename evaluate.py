@@ -23,7 +23,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn as nn
@@ -36,6 +35,7 @@ from checkpoint import FORMAT, fingerprint, load_checkpoint, load_teacher, save_
 import cli
 from cli import entry_point, print_table, resolve_device
 from diffusion import BATCH, CFG, STEPS, sample_many
+from timing import spread, timed
 
 CLASSIFIER_STEPS = 600  # enough for >= 99% held-out accuracy on the embedded set (about 30 s on 2 cores)
 # The embedded set's filter and judge, as this code trained them, ship with the repository (1.9 MB): a fixed
@@ -44,6 +44,10 @@ CLASSIFIER_STEPS = 600  # enough for >= 99% held-out accuracy on the embedded se
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "classifiers")
 MIRROR_SAFE = ("shapes", "cifar10", "imagenet64")  # sets whose classes survive a left-right flip
 BOOTSTRAP = 1000  # resamples of the held-out noises behind every 95% interval
+# FD_cls's resamples draw the real reference images too, from their own stream: REAL_RESAMPLES draws, the b-th
+# resample of the generated side meeting draw b mod REAL_RESAMPLES (each costs an eigendecomposition, once per
+# judge; 200 spread a 1,000-resample interval's real side well, at a fifth of the cost)
+REAL_RESAMPLES, REAL_RESAMPLE_SEED = 200, 1
 INTERVALS = ("class_acc", "fd_cls")  # the scores that carry one
 
 # ----------------------------------------------------------------------------------------------
@@ -236,11 +240,16 @@ def frechet_distance(mu1, cov1, mu2, cov2, sqrt_cov1=None):
     """|mu1 - mu2|^2 + tr(C1 + C2 - 2 (C1 C2)^(1/2)), in float64.
 
     tr (C1 C2)^(1/2) = sum of sqrt(eigenvalues of C1^(1/2) C2 C1^(1/2)), a symmetric PSD matrix.
-    sqrt_cov1: C1^(1/2) if already known (the real images' side, fixed over a bootstrap)."""
-    mu1, cov1, mu2, cov2 = (t.double() for t in (mu1, cov1, mu2, cov2))
+    sqrt_cov1: C1^(1/2) if already known (the real images' side, computed once per judge)."""
     s1 = sqrt_cov1 if sqrt_cov1 is not None else sqrt_psd(cov1)
+    return frechet_from_sqrt(mu1, torch.trace(cov1.double()), s1, mu2, cov2)
+
+
+def frechet_from_sqrt(mu1, trace1, sqrt_cov1, mu2, cov2):
+    """frechet_distance from side 1's mean, trace of C1 and C1^(1/2) alone (what a bootstrap keeps of it)."""
+    mu1, s1, mu2, cov2 = (t.double() for t in (mu1, sqrt_cov1, mu2, cov2))
     tr_sqrt = torch.linalg.eigvalsh(s1 @ cov2 @ s1).clamp(min=0).sqrt().sum()
-    return float(((mu1 - mu2) ** 2).sum() + torch.trace(cov1) + torch.trace(cov2) - 2 * tr_sqrt)
+    return float(((mu1 - mu2) ** 2).sum() + trace1 + torch.trace(cov2) - 2 * tr_sqrt)
 
 
 def gaussian_stats(feats):
@@ -332,8 +341,9 @@ class Judge:
         self.trained, self.test_acc = trained, trained.test_acc
         self.real = predict(trained.net, test.batch(slice(None))[0], trained.device, features=True)
         self.real_labels = test.labels
-        self.real_stats = gaussian_stats(self.real)
-        self.real_sqrt = sqrt_psd(self.real_stats[1])
+        mu, cov = gaussian_stats(self.real)
+        self.real_stats = (mu, torch.trace(cov), sqrt_psd(cov))  # FD_cls's real side: mean, trace, C^(1/2)
+        self.real_boot = None
 
     def info(self):
         return self.trained.info()
@@ -344,17 +354,31 @@ class Judge:
             probs = self.trained.net.head(feats.to(self.trained.device)).softmax(1).cpu()
         return Measured(feats, probs, labels)
 
-    def point_scores(self, m, idx=slice(None)):
-        """class_acc, fd_cls and is_cls of the samples idx (all by default; a bootstrap resample otherwise)."""
+    def point_scores(self, m, idx=slice(None), real=None):
+        """class_acc, fd_cls and is_cls of the samples idx (all by default; a bootstrap resample otherwise),
+        FD_cls against the real reference's stats `real` (default: all of it)."""
         return {"class_acc": (m.probs[idx].argmax(1) == m.labels[idx]).float().mean().item(),
-                "fd_cls": frechet_distance(*self.real_stats, *gaussian_stats(m.feats[idx]), self.real_sqrt),
+                "fd_cls": frechet_from_sqrt(*(real or self.real_stats), *gaussian_stats(m.feats[idx])),
                 "is_cls": inception_score(m.probs[idx])}
 
+    def real_resamples(self):
+        """The real reference's stats on each of REAL_RESAMPLES resamples of its images, drawn once per judge and
+        shared by every regime (so differences stay paired): FD_cls's interval then holds the reference's
+        own sampling noise, not only the generated side's (docs/evaluation.md measures how much it adds)."""
+        if self.real_boot is None:
+            self.real_boot = []
+            for idx in resamples(len(self.real), REAL_RESAMPLES, REAL_RESAMPLE_SEED):
+                mu, cov = gaussian_stats(self.real[idx])
+                self.real_boot.append((mu, torch.trace(cov), sqrt_psd(cov).float()))
+        return self.real_boot
+
     def bootstrap(self, m):
-        """{key: (BOOTSTRAP,) scores of m on each shared resample of its noises}, computed once per regime:
-        every interval is read off these (an FD costs milliseconds, and tables need thousands)."""
+        """{key: (BOOTSTRAP,) scores of m on each shared resample of its noises (and, for FD_cls, of the real
+        reference)}, computed once per regime: every interval is read off these."""
         if m.boot is None:
-            scores = [self.point_scores(m, idx) for idx in resamples(len(m.labels))]
+            real = self.real_resamples()
+            scores = [self.point_scores(m, idx, real[b % len(real)])
+                      for b, idx in enumerate(resamples(len(m.labels)))]
             m.boot = {key: torch.tensor([s[key] for s in scores], dtype=torch.float64) for key in INTERVALS}
         return m.boot
 
@@ -428,21 +452,48 @@ class ForwardCounter:
             h.remove()
 
 
+def run_regimes(teacher, judge, x_T, y, regimes, steps=STEPS, batch_size=BATCH, intervals=True, device="cpu"):
+    """Sample the bank in each regime and score it. regimes: {name: dict(w=, refiner=, guidance=, pag=)},
+    each key optional (w = 0 is no guidance). The regimes take turns batch by batch, the order rotating, so
+    each batch is a timing round and a slow spell of the machine hits every regime alike (timing.py):
+    sec_per_image is the median round's, sec_per_image_range the fastest and slowest. Forwards are counted
+    by a hook. Returns ({name: row}, {name: images}, {name: measured}, {name: [seconds per image, by round]})."""
+    runs = {name: {"w": 0.0, "refiner": None, "guidance": CFG, "pag": 0.0, **r} for name, r in regimes.items()}
+    n = min(batch_size, len(y))
+    for r in runs.values():  # warm-up, not timed or counted: allocator and kernels settle first
+        sample_many(teacher, x_T[:n], y[:n], 1, batch_size=batch_size, **r)
+    images, rounds, forwards = ({name: [] for name in runs} for _ in range(3))
+    names = list(runs)
+    for k, i in enumerate(tqdm(range(0, len(y), batch_size), desc=" / ".join(names), leave=False)):
+        for name in names[k % len(names):] + names[:k % len(names)]:
+            r = runs[name]
+            xb, yb = x_T[i:i + batch_size], y[i:i + batch_size]
+            counter = ForwardCounter(teacher, *([r["refiner"]] if r["refiner"] is not None else []),
+                                     *r["guidance"].networks())
+            out, seconds = timed(lambda: sample_many(teacher, xb, yb, steps, batch_size=batch_size, **r), device)
+            counter.remove()
+            images[name].append(out)
+            rounds[name].append(seconds / len(yb))
+            forwards[name].append(counter.images)
+    rows, measured = {}, {}
+    for name in names:
+        images[name] = torch.cat(images[name])
+        measured[name] = judge.measure(images[name], y)
+        time_per_image = spread(rounds[name])
+        rows[name] = {"name": name, "w": runs[name]["w"], "steps": steps, **judge.scores(measured[name], intervals),
+                      "nfe_per_image": sum(forwards[name]) / len(y), "sec_per_image": time_per_image["median"],
+                      "sec_per_image_range": [time_per_image["min"], time_per_image["max"]]}
+    return rows, images, measured, rounds
+
+
 def run_regime(teacher, judge, x_T, y, name, w=0.0, steps=STEPS, refiner=None, batch_size=BATCH, intervals=True,
                guidance=CFG, pag=0.0):
-    """Sample the bank in one regime, time it, count forwards, score it. Returns (row, images, measured)."""
-    n = min(batch_size, len(y))  # warm-up, not timed or counted: allocator and kernels settle first
-    run = dict(batch_size=batch_size, refiner=refiner, guidance=guidance, pag=pag)
-    sample_many(teacher, x_T[:n], y[:n], 1, w, **run)
-    counter = ForwardCounter(teacher, *([refiner] if refiner is not None else []), *guidance.networks())
-    start = time.perf_counter()
-    images = sample_many(teacher, x_T, y, steps, w, desc=name, **run)
-    seconds = time.perf_counter() - start
-    counter.remove()
-    measured = judge.measure(images, y)
-    row = {"name": name, "w": w, "steps": steps, **judge.scores(measured, intervals),
-           "nfe_per_image": counter.images / len(y), "sec_per_image": seconds / len(y)}
-    return row, images, measured
+    """One regime of run_regimes. Returns (row, images, measured)."""
+    device = str(next(teacher.parameters()).device)
+    regime = dict(w=w, refiner=refiner, guidance=guidance, pag=pag)
+    rows, images, measured, _ = run_regimes(teacher, judge, x_T, y, {name: regime}, steps, batch_size, intervals,
+                                            device)
+    return rows[name], images[name], measured[name]
 
 
 def judge_line(judge, filter=None):
@@ -510,11 +561,9 @@ def main(argv=None):
     ds = ckpt["data"]
     judge = load_judge(ds["dataset"], ds["data_dir"], ds["image_size"], device)
     x_T, y = noises.bank(args.bank, args.n, len(ds["classes"]), (3, ds["image_size"], ds["image_size"]))
-    rows, images = [], {}
-    for name, w in [("unguided", 0.0)] + [(f"cfg w={w:g}", w) for w in args.w]:
-        row, images[name], _ = run_regime(teacher, judge, x_T, y, name.split()[0], w, args.steps,
-                                          batch_size=args.batch_size)
-        rows.append(row)
+    regimes = {"unguided": {}, **{f"cfg w={w:g}": dict(w=w) for w in args.w}}
+    rows, images, _, _ = run_regimes(teacher, judge, x_T, y, regimes, args.steps, args.batch_size, device=device)
+    rows = [{**row, "name": name.split()[0]} for name, row in rows.items()]  # "cfg", as the table always said
     print_regimes(rows, f"{args.teacher}: {args.n} held-out noises ({args.bank} bank), {args.steps} DDIM steps\n"
                       f"{judge_line(judge)}")
     fid_rows = None

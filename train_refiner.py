@@ -28,13 +28,14 @@ import fid
 import noises
 import pairs
 import teacher as teachers
-from checkpoint import fingerprint, save_json
+from checkpoint import fingerprint, save_atomic, save_json
 import cli
 from cli import die, entry_point, make_out_dir, resolve_device, seed_everything
 from data import save_grid
 from diffusion import STEPS
-from evaluate import judge_line, load_filter, load_judge, print_difference, print_regimes, run_regime
+from evaluate import judge_line, load_filter, load_judge, print_difference, print_regimes, run_regimes
 from noiserefine import Refiner, Training, fit, lora_layers
+from timing import ratio, ratio_text
 
 
 def build_parser():
@@ -147,25 +148,23 @@ def training(args):
                     args.amp)
 
 
-def evaluate_regimes(teacher, refiner, judge, args, num_classes, image_size, guidance):
-    """The regimes on the held-out bank, each scored by the judge; and refined minus each other regime,
-    with paired intervals (the regimes share their noises and labels). Gaussian noise is guided with the
-    pairs' own guidance (named after it: cfg, cfg+pag, autoguidance, interval)."""
+def evaluate_regimes(teacher, refiner, judge, args, num_classes, image_size, guidance, device):
+    """The regimes on the held-out bank, each scored by the judge; refined minus each other regime, with
+    paired intervals (the regimes share their noises and labels); and refined's time per image over the
+    guided regime's, from interleaved rounds (timing.ratio). Gaussian noise is guided with the pairs' own
+    guidance (named after it: cfg, cfg+pag, autoguidance, interval)."""
     x_T, y = noises.bank(args.bank, args.eval_n, num_classes, (3, image_size, image_size))
     lo, hi = args.w_range
-    regimes = [("unguided", 0.0, None), (args.guidance, (lo + hi) / 2, None)]
+    guided = dict(guidance=guidance, pag=args.pag)
+    regimes = {"unguided": {}, args.guidance: dict(w=(lo + hi) / 2, **guided)}
     if hi > lo:
-        regimes.append((f"{args.guidance}_top", hi, None))
-    regimes.append(("refined", 0.0, refiner))
-    rows, images, measured = [], {}, {}
-    for name, w, ref in regimes:
-        guided = dict(guidance=guidance, pag=args.pag) if w else {}
-        row, images[name], measured[name] = run_regime(teacher, judge, x_T, y, name, w, args.eval_steps, ref,
-                                                       **guided)
-        rows.append(row)
+        regimes[f"{args.guidance}_top"] = dict(w=hi, **guided)
+    regimes["refined"] = dict(refiner=refiner)
+    rows, images, measured, rounds = run_regimes(teacher, judge, x_T, y, regimes, args.eval_steps, device=device)
     differences = {f"refined - {name}": judge.difference(measured["refined"], measured[name])
                    for name in measured if name != "refined"}
-    return rows, differences, images, y
+    speed = {**ratio(rounds["refined"], rounds[args.guidance]), "rounds": len(rounds["refined"])}
+    return list(rows.values()), differences, speed, images, measured, y
 
 
 def write_regime_grid(images, y, num_classes, path, titles, per_class=6):
@@ -223,22 +222,29 @@ def main(argv=None):
         print(f"stopped at step {args.stop_at} (--stop-at); --resume continues")
         return
 
-    rows, differences, images, y = evaluate_regimes(teacher, refiner, judge, args, K, size, guidance)
+    rows, differences, speed, images, measured, y = evaluate_regimes(teacher, refiner, judge, args, K, size, guidance,
+                                                                     device)
     print_regimes(rows, f"{args.eval_n} held-out noises ({args.bank} bank), {args.eval_steps} DDIM steps; 95% "
                       f"bootstrap intervals over the noises\n{judge_line(judge, pair_filter)}")
     for name, diff in differences.items():
         print_difference(*name.split(" - "), diff)
+    nfe = {r["name"]: r["nfe_per_image"] for r in rows}
+    print(f"time per image, refined / {args.guidance}: {ratio_text(speed)} (fastest rounds [range of the "
+          f"{speed['rounds']} interleaved rounds]; forwards {nfe['refined']:g} against {nfe[args.guidance]:g})")
     fid_rows = None
     if inception is not None:
         scorer = fid.FID(inception)
         fid_rows = scorer.table(images, scorer.reference(ds["dataset"], ds["data_dir"], size), ("refined", "cfg"))
         fid.print_fid(fid_rows)
-    save_json({"regimes": rows, "differences": differences, "fid": fid_rows, "judge": judge.info(),
-               "filter": pair_filter.info(), "bank": args.bank, "teacher": teacher_path, "args": vars(args)},
+    save_json({"regimes": rows, "differences": differences, "time_refined_over_guided": speed, "fid": fid_rows,
+               "judge": judge.info(), "filter": pair_filter.info(), "bank": args.bank, "teacher": teacher_path,
+               "args": vars(args)},
               os.path.join(args.out, "metrics.json"))
+    save_atomic({name: {"feats": m.feats, "probs": m.probs, "labels": m.labels} for name, m in measured.items()},
+                os.path.join(args.out, "measured.pt"))  # what the judge saw: a table can be re-scored from it
     titles = {r["name"]: f"{r['name']} w={r['w']:g}" if r["w"] else r["name"] for r in rows}
     write_regime_grid(images, y, K, os.path.join(args.out, "regimes.png"), titles)
-    print(f"wrote {args.out}/metrics.json, {args.out}/regimes.png (columns: {', '.join(images)}); "
+    print(f"wrote {args.out}/metrics.json, measured.pt and regimes.png (columns: {', '.join(images)}); "
           f"total {time.perf_counter() - start:.0f} s")
 
 

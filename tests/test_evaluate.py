@@ -104,8 +104,8 @@ def fake_judge(dim=4, n_real=300, seed=0):
     judge = Judge.__new__(Judge)
     g = torch.Generator().manual_seed(seed)
     judge.real, judge.real_labels = torch.randn(n_real, dim, generator=g), torch.arange(n_real) % 2
-    judge.real_stats = gaussian_stats(judge.real)
-    judge.real_sqrt = evaluate.sqrt_psd(judge.real_stats[1])
+    mu, cov = gaussian_stats(judge.real)
+    judge.real_stats, judge.real_boot = (mu, torch.trace(cov), evaluate.sqrt_psd(cov)), None
     return judge
 
 
@@ -128,6 +128,22 @@ def test_fd_interval_is_bias_corrected_and_differences_are_paired():
     assert evaluate.verdict(same) == "within noise"
     better = judge.difference(measured(acc=0.95, seed=1), measured(acc=0.6, seed=2))
     assert evaluate.verdict(better) == "higher" and better["class_acc"][1] > 0
+
+
+def test_fd_interval_holds_the_real_references_sampling_noise():
+    """FD_cls's bootstrap resamples the real reference too: with few real images its interval is wider
+    than one that holds the real side fixed (as this repository's intervals did before), and a regime
+    against itself still differs by exactly zero on every resample (the real draws are shared)."""
+    def fd_width(judge, m):
+        lo, hi = judge.scores(m)["ci"]["fd_cls"]
+        return hi - lo
+    judge, m = fake_judge(n_real=60), measured(shift=0.5)
+    resampled = fd_width(judge, m)
+    fixed = fake_judge(n_real=60)
+    fixed.real_boot = [fixed.real_stats]  # the real side held fixed
+    assert resampled > 1.3 * fd_width(fixed, measured(shift=0.5))
+    twin = measured(shift=0.5)  # the same samples, scored afresh: zero only if both met the same real draws
+    assert judge.difference(m, twin)["fd_cls"] == [0.0, 0.0, 0.0]
 
 
 def test_seed_intervals_widen_with_the_spread_between_seeds():
