@@ -256,9 +256,10 @@ def fit(refiner, teacher, train_pairs, val, t, device, ckpt_path, meta, resume=F
         gen.set_state(ckpt["gen"])
         torch.set_rng_state(ckpt["rng"])
         step, best, best_state = ckpt["step"], ckpt["best_val"], ckpt["best"]
+        identity = ckpt.get("identity_val")
     else:  # the identity refiner is the first candidate for the best validation loss
         step, best = 0, validation_loss(refiner, teacher, val, t.msd_steps, device, t.amp)
-        best_state = refiner.trainable_state()
+        best_state, identity = refiner.trainable_state(), best
         tqdm.write(f"step 0 (identity refiner): validation L_MSD/prod(a)^2 {best / scale:.4e}")
 
     saved = step if resume else None  # the step of the checkpoint on disk
@@ -267,6 +268,7 @@ def fit(refiner, teacher, train_pairs, val, t, device, ckpt_path, meta, resume=F
         nonlocal saved
         save_atomic({"kind": "refiner", "format": FORMAT, **meta, "rank": refiner.rank, "alpha": refiner.alpha,
                      "state": refiner.trainable_state(), "best": best_state, "best_val": best,
+                     "identity_val": identity,
                      "opt": opt.state_dict(), "gen": gen.get_state(), "rng": torch.get_rng_state(), "step": step},
                     ckpt_path)
         saved = step  # only once the file is whole

@@ -13,7 +13,7 @@ import pytest
 
 ENTRY_POINTS = {  # script: the arguments a run needs besides the fuzzed flag
     "train_teacher": [], "train_refiner": [], "sample": [], "evaluate": [], "analyze": ["diff"], "ablate": [],
-    "bench": [], "make_assignment": ["--out", "student"],
+    "bench": [], "make_assignment": ["--out", "student"], "study": [],
 }
 HOSTILE = ["0", "-1", "-0.5", "nan", "inf", "-inf", "1e30", "99999999999999999999", "", " ", "abc", "{missing}",
            "{folder}", "{empty}", "{text}", "{under_a_file}"]

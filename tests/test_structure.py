@@ -4,7 +4,7 @@ import ast
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = {"train_teacher", "train_refiner", "sample", "ablate", "analyze", "bench", "make_assignment"}
+SCRIPTS = {"train_teacher", "train_refiner", "sample", "ablate", "analyze", "bench", "make_assignment", "study"}
 METHOD = {"noiserefine", "pairs", "teacher"}
 
 
