@@ -76,4 +76,4 @@ def test_study_runs_each_stage_once_reuses_it_and_refuses_an_edited_entry(tiny_s
         study.main(out)
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "delete it to redo it" in err[0]
+    assert len(err) == 1 and f"delete {root / 's' / 'tiny'} to redo it" in err[0]  # with what was trained on it
