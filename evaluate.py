@@ -452,14 +452,14 @@ class ForwardCounter:
             h.remove()
 
 
-def run_regimes(teacher, judge, x_T, y, regimes, steps=STEPS, batch_size=BATCH, intervals=True, device="cpu"):
+def run_regimes(teacher, judge, x_T, y, regimes, steps=STEPS, batch_size=BATCH, intervals=True):
     """Sample the bank in each regime and score it. regimes: {name: dict(w=, refiner=, guidance=, pag=)},
     each key optional (w = 0 is no guidance). The regimes take turns batch by batch, the order rotating, so
     each batch is a timing round and a slow spell of the machine hits every regime alike (timing.py):
     sec_per_image is the median round's, sec_per_image_range the fastest and slowest. Forwards are counted
     by a hook. Returns ({name: row}, {name: images}, {name: measured}, {name: [seconds per image, by round]})."""
     runs = {name: {"w": 0.0, "refiner": None, "guidance": CFG, "pag": 0.0, **r} for name, r in regimes.items()}
-    n = min(batch_size, len(y))
+    device, n = str(next(teacher.parameters()).device), min(batch_size, len(y))
     for r in runs.values():  # warm-up, not timed or counted: allocator and kernels settle first
         sample_many(teacher, x_T[:n], y[:n], 1, batch_size=batch_size, **r)
     images, rounds, forwards = ({name: [] for name in runs} for _ in range(3))
@@ -489,10 +489,8 @@ def run_regimes(teacher, judge, x_T, y, regimes, steps=STEPS, batch_size=BATCH, 
 def run_regime(teacher, judge, x_T, y, name, w=0.0, steps=STEPS, refiner=None, batch_size=BATCH, intervals=True,
                guidance=CFG, pag=0.0):
     """One regime of run_regimes. Returns (row, images, measured)."""
-    device = str(next(teacher.parameters()).device)
     regime = dict(w=w, refiner=refiner, guidance=guidance, pag=pag)
-    rows, images, measured, _ = run_regimes(teacher, judge, x_T, y, {name: regime}, steps, batch_size, intervals,
-                                            device)
+    rows, images, measured, _ = run_regimes(teacher, judge, x_T, y, {name: regime}, steps, batch_size, intervals)
     return rows[name], images[name], measured[name]
 
 
@@ -562,7 +560,7 @@ def main(argv=None):
     judge = load_judge(ds["dataset"], ds["data_dir"], ds["image_size"], device)
     x_T, y = noises.bank(args.bank, args.n, len(ds["classes"]), (3, ds["image_size"], ds["image_size"]))
     regimes = {"unguided": {}, **{f"cfg w={w:g}": dict(w=w) for w in args.w}}
-    rows, images, _, _ = run_regimes(teacher, judge, x_T, y, regimes, args.steps, args.batch_size, device=device)
+    rows, images, _, _ = run_regimes(teacher, judge, x_T, y, regimes, args.steps, args.batch_size)
     rows = [{**row, "name": name.split()[0]} for name, row in rows.items()]  # "cfg", as the table always said
     print_regimes(rows, f"{args.teacher}: {args.n} held-out noises ({args.bank} bank), {args.steps} DDIM steps\n"
                       f"{judge_line(judge)}")

@@ -148,7 +148,7 @@ def training(args):
                     args.amp)
 
 
-def evaluate_regimes(teacher, refiner, judge, args, num_classes, image_size, guidance, device):
+def evaluate_regimes(teacher, refiner, judge, args, num_classes, image_size, guidance):
     """The regimes on the held-out bank, each scored by the judge; refined minus each other regime, with
     paired intervals (the regimes share their noises and labels); and refined's time per image over the
     guided regime's, from interleaved rounds (timing.ratio). Gaussian noise is guided with the pairs' own
@@ -160,7 +160,7 @@ def evaluate_regimes(teacher, refiner, judge, args, num_classes, image_size, gui
     if hi > lo:
         regimes[f"{args.guidance}_top"] = dict(w=hi, **guided)
     regimes["refined"] = dict(refiner=refiner)
-    rows, images, measured, rounds = run_regimes(teacher, judge, x_T, y, regimes, args.eval_steps, device=device)
+    rows, images, measured, rounds = run_regimes(teacher, judge, x_T, y, regimes, args.eval_steps)
     differences = {f"refined - {name}": judge.difference(measured["refined"], measured[name])
                    for name in measured if name != "refined"}
     speed = {**ratio(rounds["refined"], rounds[args.guidance]), "rounds": len(rounds["refined"])}
@@ -222,8 +222,8 @@ def main(argv=None):
         print(f"stopped at step {args.stop_at} (--stop-at); --resume continues")
         return
 
-    rows, differences, speed, images, measured, y = evaluate_regimes(teacher, refiner, judge, args, K, size, guidance,
-                                                                     device)
+    rows, differences, speed, images, measured, y = evaluate_regimes(teacher, refiner, judge, args, K, size,
+                                                                     guidance)
     print_regimes(rows, f"{args.eval_n} held-out noises ({args.bank} bank), {args.eval_steps} DDIM steps; 95% "
                       f"bootstrap intervals over the noises\n{judge_line(judge, pair_filter)}")
     for name, diff in differences.items():
