@@ -247,7 +247,8 @@ def build_parser():
     p.add_argument("--table", default="ablations", choices=list(TABLES), help="which table: the paper's "
                    "ablations (--out/ablate.json), or the guidance table (--out/guidance.json)")
     p.add_argument("--rows", nargs="+", default=None, choices=ALL_ROWS, help="which rows (default: the table's)")
-    p.add_argument("--teacher", type=cli.checkpoint_file, default=teachers.DEFAULT_TEACHER, help="teacher checkpoint")
+    p.add_argument("--teacher", type=cli.checkpoint_file, default=None, help="teacher checkpoint (default: "
+                   f"{teachers.DEFAULT_TEACHER}, the shipped teacher's copy, trained first if there is none)")
     p.add_argument("--steps", type=cli.integer(1), default=400, help="training steps of every trained row")
     p.add_argument("--pairs", type=cli.integer(1, 10 ** 8), default=pairs.PairSettings().count, help="the pairs "
                    "budget (the default refiner's)")
@@ -259,7 +260,7 @@ def build_parser():
     p.add_argument("--bank", default="test", choices=noises.BANKS, help="held-out noises (dev: for choosing)")
     p.add_argument("--seeds", type=cli.SEED, nargs="+", default=[0, 1, 2],
                    help="training seeds of every trained row (the pairs and the noises stay the same)")
-    p.add_argument("--out", type=cli.path, default="runs/ablate", help="output folder")
+    p.add_argument("--out", type=cli.folder, default="runs/ablate", help="output folder")
     p.add_argument("--device", type=cli.device, default="auto", help="auto, cpu, cuda, cuda:1, ...")
     return p
 
@@ -331,7 +332,8 @@ def run_row(row, seed, ctx, args):
                                        "inverted")
         else:
             ckpt = os.path.join(row_dir(row, args, seed), "ckpt.pt")
-            meta = {"teacher_fingerprint": ctx["fingerprints"]["teacher"], "teacher": args.teacher, "args": vars(args)}
+            meta = {"teacher_fingerprint": ctx["fingerprints"]["teacher"], "teacher": os.path.abspath(args.teacher),
+                    "args": vars(args)}
             refiner = fit(make_refiner(row, ctx).to(device), teacher, train_pairs, val, t, device, ckpt, meta).merge()
         seconds = time.perf_counter() - start
     metrics, _, measured = run_regime(model, ctx["judge"], x_T, y, row, w, refiner=refiner, intervals=False, **guided)
@@ -423,7 +425,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = resolve_device(args.device)
     seed_everything(0)
-    teacher, tckpt, _ = teachers.get_or_train(args.teacher, 0, device)
+    teacher, tckpt, args.teacher = teachers.get_or_train(args.teacher, 0, device)
     ds = tckpt["data"]
     K, size = len(ds["classes"]), ds["image_size"]
     pair_filter = load_filter(ds["dataset"], ds["data_dir"], size, device)

@@ -29,7 +29,7 @@ import torch
 
 import data
 import noises
-from checkpoint import load_checkpoint, load_teacher
+from checkpoint import load_checkpoint, load_teacher, teacher_of
 import cli
 from cli import entry_point, print_table, resolve_device, seed_everything
 from diffusion import CFG, STEPS, SAMPLERS, Guidance, ddim_invert, q_sample, sample, sample_many, timestep_batch
@@ -545,12 +545,13 @@ ANALYSES = {"diff": analysis_diff, "spectrum": analysis_spectrum, "layout": anal
 def build_parser():
     p = cli.Parser(__doc__)
     p.add_argument("name", choices=[*ANALYSES, "all"])
-    p.add_argument("--teacher", type=cli.checkpoint_file, default="runs/teacher/ckpt.pt", help="teacher checkpoint")
+    p.add_argument("--teacher", type=cli.checkpoint_file, default=None, help="teacher checkpoint (default: the one "
+                   "--refiner was trained on)")
     p.add_argument("--refiner", type=cli.checkpoint_file, default="runs/refiner/ckpt.pt", help="refiner checkpoint")
     p.add_argument("--n", type=cli.integer(20, 10 ** 6), default=1000, help="held-out noises (some analyses use "
                    "fewer, see each)")
     p.add_argument("--steps", type=cli.STEPS_1000, default=STEPS, help="DDIM steps")
-    p.add_argument("--out", type=cli.path, default="runs/analysis", help="output folder")
+    p.add_argument("--out", type=cli.folder, default="runs/analysis", help="output folder")
     p.add_argument("--seed", type=cli.SEED, default=0, help="seeds torch; the noise bank itself is fixed")
     p.add_argument("--device", type=cli.device, default="auto", help="auto, cpu, cuda, cuda:1, ...")
     return p
@@ -565,6 +566,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = resolve_device(args.device)
     seed_everything(args.seed)
+    args.teacher = args.teacher or teacher_of(args.refiner)
     teacher, ckpt = load_teacher(args.teacher, device)
     refiner = load_refiner(args.refiner, teacher, device)
     ds = ckpt["data"]

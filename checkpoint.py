@@ -8,6 +8,7 @@ cannot run code.
 import hashlib
 import json
 import os
+import textwrap
 
 import torch
 
@@ -43,7 +44,7 @@ def load_checkpoint(path, kind, flag="--teacher"):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, not a checkpoint, or a pickle that wants to run code
-        why = (str(e).splitlines() or [""])[0][:120]
+        why = textwrap.shorten((str(e).splitlines() or [""])[0], 120, placeholder=" ...")  # whole words
         raise BadInput(f"{flag} {path}: not a readable {kind} checkpoint ({type(e).__name__}: {why})") from None
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
         found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
@@ -51,6 +52,11 @@ def load_checkpoint(path, kind, flag="--teacher"):
     if ckpt.get("format") != FORMAT:
         raise BadInput(f"{flag} {path}: checkpoint format {ckpt.get('format')} but this code reads format {FORMAT}")
     return ckpt
+
+
+def teacher_of(refiner_path, flag="--refiner"):
+    """The teacher checkpoint a refiner was trained on (stored as an absolute path: found from any folder)."""
+    return load_checkpoint(refiner_path, "refiner", flag)["teacher"]
 
 
 def load_teacher(path, device="cpu", flag="--teacher"):

@@ -6,18 +6,20 @@
 Writes --out.png (one row per label) and --out.npz: uint8 images, labels, the x_T drawn and the x_hat_T
 sampled from (the same without --refiner), and w, steps, sampler, teacher and refiner.
 """
+import os
+
 import numpy as np
 import torch
 
 import cli
 import data
 import noises
-from checkpoint import load_checkpoint, load_teacher
+from checkpoint import load_teacher, teacher_of
 from cli import die, entry_point, resolve_device, seed_everything
 from diffusion import SAMPLERS, STEPS, sample_many
 from noiserefine import load_refiner, refine_many
 from safety import write_atomic
-from teacher import DEFAULT_TEACHER
+from teacher import DEFAULT_TEACHER, default_teacher
 
 
 def build_parser():
@@ -32,7 +34,8 @@ def build_parser():
     p.add_argument("--labels", type=cli.integer(0, 10 ** 6), nargs="+", default=None, help="class ids (default: "
                    "every class, up to 10)")
     p.add_argument("--per-label", type=cli.integer(1, 10000), default=8, help="samples per label")
-    p.add_argument("--out", type=cli.path, default="samples/sample", help="output path without extension")
+    p.add_argument("--out", type=cli.file_path, default="samples/sample", help="output path, without extension (a "
+                   ".png or .npz given is dropped)")
     p.add_argument("--seed", type=cli.SEED, default=0, help="seeds the noises x_T")
     p.add_argument("--device", type=cli.device, default="auto", help="auto, cpu, cuda, cuda:1, ...")
     return p
@@ -40,6 +43,8 @@ def build_parser():
 
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
+    root, ext = os.path.splitext(args.out)
+    args.out = root if ext.lower() in (".png", ".npz") else args.out  # --out x/b.png writes x/b.png, not b.png.png
     if args.refiner and args.w != 0:
         die("--refiner samples without guidance; leave --w at 0")
     return args
@@ -51,8 +56,7 @@ def main(argv=None):
     device = resolve_device(args.device)
     seed_everything(args.seed)
     if args.teacher is None:  # a refiner names the teacher it was trained on
-        args.teacher = load_checkpoint(args.refiner, "refiner", "--refiner")["teacher"] if args.refiner \
-            else DEFAULT_TEACHER
+        args.teacher = teacher_of(args.refiner) if args.refiner else default_teacher()
     teacher, ckpt = load_teacher(args.teacher, device)
     K, size = len(ckpt["data"]["classes"]), ckpt["data"]["image_size"]
     labels = args.labels if args.labels is not None else list(range(min(K, 10)))
@@ -65,11 +69,12 @@ def main(argv=None):
     x_T = torch.randn((len(y), 3, size, size), generator=noises.generator("sample", args.seed))  # never a pair's
     x_hat_T = refine_many(refiner, x_T, y) if refiner else x_T  # what the sampler starts from
     images = sample_many(teacher, x_hat_T, y, args.steps, args.w, desc="sampling", sampler=args.sampler)
-    data.save_grid(images, args.per_label, args.out + ".png")
+    regime = "refined noise, no guidance" if refiner else f"Gaussian noise, w = {args.w:g}"
+    data.save_grid(images, args.per_label, args.out + ".png", header=[(regime, args.per_label)],
+                   row_names=[ckpt["data"]["classes"][k] for k in labels])
     write_atomic(args.out + ".npz", lambda f: np.savez(
         f, images=data.to_uint8(images).numpy(), labels=y.numpy(), x_T=x_T.numpy(), x_hat_T=x_hat_T.numpy(),
         w=args.w, steps=args.steps, sampler=args.sampler, teacher=args.teacher, refiner=args.refiner or ""))
-    regime = "refined noise, no guidance" if refiner else f"Gaussian noise, w = {args.w}"
     print(f"wrote {args.out}.png and {args.out}.npz: {len(y)} samples, {regime}, {args.steps} {args.sampler} steps")
 
 

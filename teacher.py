@@ -6,9 +6,12 @@ exact resume, and DDP under torchrun (every process draws the same global batch 
 """
 import copy
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import shutil
+import sys
 import time
 
 import torch
@@ -27,7 +30,7 @@ from safety import BadInput, kept_checkpoint, on_interrupt
 
 
 DEFAULT_TEACHER = "runs/teacher/ckpt.pt"
-QUICK_TEACHER = "runs/quick/teacher/ckpt.pt"  # train_refiner.py --quick: a look at the pipeline, not a result
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "teachers")  # the embedded set's, trained here
 
 
 @dataclasses.dataclass
@@ -102,7 +105,8 @@ def write_grid(ema, classes, image_size, w, path, per_side=8, seed=0):
     y = torch.arange(K).repeat_interleave(per_side).to(device)
     unguided = sample(ema, x_T, y, STEPS, 0.0).view(K, per_side, 3, image_size, image_size)
     guided = sample(ema, x_T, y, STEPS, w).view(K, per_side, 3, image_size, image_size)
-    data.save_grid(torch.cat([unguided, guided], 1).flatten(0, 1).cpu(), 2 * per_side, path)
+    data.save_grid(torch.cat([unguided, guided], 1).flatten(0, 1).cpu(), 2 * per_side, path,
+                   header=[("unguided", per_side), (f"CFG w={w:g}", per_side)], row_names=classes[:K])
 
 
 def setup(s, out, resume, device):
@@ -114,6 +118,9 @@ def setup(s, out, resume, device):
         if not os.path.isfile(path):
             raise BadInput(f"--resume: no checkpoint at {path} (--out {out})")
         ckpt = load_checkpoint(path, "teacher", flag="--resume")
+        if "opt" not in ckpt:
+            raise BadInput(f"--resume: {path} holds sampling weights only (a shipped teacher), nothing to resume; "
+                           f"delete {out} to train a teacher anew")
         config, meta = ckpt["config"], ckpt["data"]
         s = dataclasses.replace(s, dataset=meta["dataset"], data_dir=data.resolve_dir(meta["data_dir"]),
                                 image_size=meta["image_size"])
@@ -271,14 +278,15 @@ def guidance(name, path, device, interval=INTERVAL):
     return CFG, None
 
 
-def get_or_train(path, seed, device, rank=0, world=1, quick=False):
-    """(teacher, checkpoint, path): the teacher at `path`; with path None, the default teacher, trained with
-    TeacherSettings' defaults (or finished, if a run was interrupted) first, by every torchrun process.
-    quick: the quick-look teacher instead, 300 steps (train_refiner.py --quick)."""
+def get_or_train(path, seed, device, rank=0, world=1):
+    """(teacher, checkpoint, path): the teacher at `path`; with path None, the default teacher: the shipped
+    one (copied to DEFAULT_TEACHER) where it matches TeacherSettings' defaults at this seed, else trained
+    with them (or finished, if a run was interrupted) first, by every torchrun process."""
     if path is None:
-        path = QUICK_TEACHER if quick else DEFAULT_TEACHER
-        settings = TeacherSettings(seed=seed, steps=300, grid_every=300, save_every=300, weak_step=100) if quick \
-            else TeacherSettings(seed=seed)
+        path, settings = DEFAULT_TEACHER, TeacherSettings(seed=seed)
+        if rank == 0:
+            copy_shipped(settings)
+        distributed.barrier()
         done = os.path.isfile(path) and load_checkpoint(path, "teacher")["step"] >= settings.steps
         distributed.barrier()  # every rank has read `done` before rank 0 writes
         if not done:
@@ -290,3 +298,64 @@ def get_or_train(path, seed, device, rank=0, world=1, quick=False):
             fit(settings, out, device, resume=os.path.isfile(path), rank=rank, world=world)
     model, ckpt = load_teacher(path, device)
     return model, ckpt, path
+
+
+# The shipped teacher: the EMA weights of TeacherSettings' defaults, trained by this code on a 2-core CPU,
+# as classifiers/ holds the filter and the judge, so that a first run starts where the paper does, from a
+# pretrained model. Its name is a hash of the settings: a changed recipe does not find it, and trains anew.
+
+def shipped_path(s):
+    key = hashlib.sha256(json.dumps(dataclasses.asdict(s), sort_keys=True).encode()).hexdigest()[:8]
+    return os.path.join(SHIPPED, f"teacher-{s.dataset}-{s.model}-seed{s.seed}-{key}.pt")
+
+
+def copy_shipped(s):
+    """Copy the shipped teacher of settings s to DEFAULT_TEACHER if there is none there yet."""
+    if os.path.isfile(DEFAULT_TEACHER) or not os.path.isfile(shipped_path(s)):
+        return
+    ckpt = load_checkpoint(shipped_path(s), "teacher", flag="shipped teacher")
+    make_out_dir(os.path.dirname(DEFAULT_TEACHER))
+    save_atomic(ckpt, DEFAULT_TEACHER)
+    print(f"the default teacher: the shipped one ({os.path.relpath(shipped_path(s))}), copied to "
+          f"{DEFAULT_TEACHER}; python train_teacher.py trains one anew")
+
+
+def default_teacher():
+    """DEFAULT_TEACHER, copied from the shipped teacher first if it is not there yet."""
+    copy_shipped(TeacherSettings())
+    return DEFAULT_TEACHER
+
+
+def ship(path, s):
+    """Write the shipped copy of the teacher at `path`, trained with settings s: its EMA weights and what
+    describes them (no optimiser: a shipped teacher samples, it does not resume)."""
+    ckpt = load_checkpoint(path, "teacher")
+    trained = {k: ckpt["args"][k] for k in dataclasses.asdict(s)}
+    trained["data_dir"] = data.portable_dir(trained["data_dir"])
+    if trained != {**dataclasses.asdict(s), "data_dir": data.portable_dir(s.data_dir)} or ckpt["step"] != s.steps:
+        raise BadInput(f"{path} was not trained with today's default settings {dataclasses.asdict(s)}")
+    slim = {k: ckpt[k] for k in ("kind", "format", "config", "data", "ema", "step", "losses")}
+    save_atomic({**slim, "args": dataclasses.asdict(s)}, shipped_path(s))
+    return shipped_path(s)
+
+
+def check_shipped(device, out="runs/check-teacher"):
+    """Train the default teacher anew into `out` and compare its EMA weights with the shipped copy; where no
+    copy has today's name, write one to commit. Exit status 1 if they differ: on the CPU that made it, the
+    code changed; on another CPU or thread count, its last bits may differ."""
+    s = TeacherSettings()
+    make_out_dir(out)
+    path = os.path.join(out, "ckpt.pt")
+    done = os.path.isfile(path) and load_checkpoint(path, "teacher")["step"] >= s.steps
+    if not done:
+        fit(s, out, device, resume=os.path.isfile(path))
+    if not os.path.isfile(shipped_path(s)):
+        print(f"no shipped teacher under today's name; wrote {ship(path, s)}: commit it, and remove the one it "
+              "replaces")
+        return
+    mine, theirs = load_checkpoint(path, "teacher")["ema"], load_checkpoint(shipped_path(s), "teacher")["ema"]
+    diff = max((mine[k].float() - v.float()).abs().max().item() for k, v in theirs.items())
+    print(f"retrained here: largest EMA weight difference from {os.path.relpath(shipped_path(s))} {diff:.3g}"
+          + (" (identical)" if diff == 0 else ""))
+    if diff > 0:
+        sys.exit("the shipped teacher differs from the one this code trains here")

@@ -45,7 +45,7 @@ def build_parser():
                    f"{teachers.DEFAULT_TEACHER}, trained with train_teacher.py's defaults if missing)")
     p.add_argument("--pairs", type=cli.integer(1, 10 ** 8), default=s.count, help="guided pairs to generate "
                    "(before filtering)")
-    p.add_argument("--pairs-dir", type=cli.path, default=None, help="pair cache (default: next to the teacher, "
+    p.add_argument("--pairs-dir", type=cli.folder, default=None, help="pair cache (default: next to the teacher, "
                    "named by its settings)")
     p.add_argument("--guide-steps", type=cli.STEPS_1000, default=s.guide_steps, help="N': guided DDIM steps that "
                    "make x0_guide")
@@ -86,15 +86,14 @@ def build_parser():
                    "refined samples against the CFG samples (needs pytorch-fid; fid.py)")
     p.add_argument("--bank", default="test", choices=noises.BANKS,
                    help="held-out noises of the final table: 'test' for reported results, 'dev' for choosing settings")
-    p.add_argument("--out", type=cli.path, default="runs/refiner", help="output folder")
+    p.add_argument("--out", type=cli.folder, default="runs/refiner", help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from --out/ckpt.pt")
     p.add_argument("--stop-at", type=cli.integer(1), default=None, help="stop after this step as if interrupted "
                    "(tests)")
     p.add_argument("--seed", type=cli.SEED, default=0, help="seeds the pairs, the refiner's batches and its LoRA")
-    p.add_argument("--quick", action="store_true", help="a look at the whole pipeline in about a minute and a half: "
-                   f"a 300-step teacher ({teachers.QUICK_TEACHER}), classifiers of {QUICK_CLASSIFIER_STEPS} steps, "
-                   "and, unless given, 1,000 pairs, no filter, 100 refiner steps, 200 held-out noises, --out runs/quick/refiner; "
-                   "its numbers say little")
+    p.add_argument("--quick", action="store_true", help="a quick look at the method on the default teacher: unless "
+                   "given, " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()) + " (a short "
+                   "refiner: its table shows refined noise moving towards CFG, not reaching it)")
     accel.add_flags(p, amp=True)  # the pairs' guided steps and the refiner's training; the final table stays fp32
     p.add_argument("--device", type=cli.device, default="auto", help="auto, cpu, cuda, cuda:1, ...")
     return p
@@ -105,9 +104,8 @@ RESUME_KEYS = ("lora_rank", "lora_alpha", "pairs", "guide_steps", "guidance", "w
                "filter", "val_frac", "seed", "amp", "msd_steps", "batch_size")
 
 
-# --quick: a 300-step teacher's guided images rarely convince the filter, so it is off
-QUICK = {"pairs": 1000, "steps": 100, "val_every": 50, "eval_n": 200, "filter": 0.0, "out": "runs/quick/refiner"}
-QUICK_CLASSIFIER_STEPS = 150
+# --quick: the default teacher (shipped), fewer pairs, a shorter refiner, a smaller table
+QUICK = {"pairs": 2000, "steps": 200, "val_every": 100, "eval_n": 200, "out": "runs/quick/refiner"}
 
 
 def parse_args(argv=None):
@@ -134,6 +132,8 @@ def parse_args(argv=None):
         die(f"--interval must be sigma_lo sigma_hi with lo < hi, got {args.interval[0]:g} {args.interval[1]:g}")
     if args.resume:
         cli.resume_flags(args, given, os.path.join(args.out, "ckpt.pt"), "refiner", RESUME_KEYS)
+    else:
+        cli.refuse_overwrite(args.out, "refiner")
     return args
 
 
@@ -167,15 +167,15 @@ def evaluate_regimes(teacher, refiner, judge, args, num_classes, image_size, gui
     return list(rows.values()), differences, speed, images, measured, y
 
 
-def write_regime_grid(images, y, num_classes, path, titles, per_class=6):
-    """One row per class (at most 10), the regimes side by side on the same noises and labels, each under
-    its title."""
-    K = min(num_classes, 10)
+def write_regime_grid(images, y, classes, path, titles, per_class=6):
+    """One row per class (at most 10), named, the regimes side by side on the same noises and labels, each
+    under its title."""
+    K = min(len(classes), 10)
     per_class = min(per_class, int(torch.bincount(y, minlength=K)[:K].min()))
     idx = torch.cat([torch.nonzero(y == k)[:per_class, 0] for k in range(K)])
     cols = [images[name][idx].view(K, per_class, *images[name].shape[1:]) for name in images]
     save_grid(torch.cat(cols, 1).flatten(0, 1), per_class * len(cols), path,
-              header=[(titles[name], per_class) for name in images])
+              header=[(titles[name], per_class) for name in images], row_names=classes[:K])
 
 
 @entry_point
@@ -184,20 +184,20 @@ def main(argv=None):
     rank, world, device = distributed.init(resolve_device(args.device))
     if rank == 0:
         print(f"train_refiner: {vars(args)}")
+        cli.warn_if_cpu_busy(device)
         make_out_dir(args.out)
     seed_everything(args.seed)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     start = time.perf_counter()
     inception = fid.inception(device) if args.fid and rank == 0 else None  # a missing package fails here, not late
-    teacher, tckpt, teacher_path = teachers.get_or_train(args.teacher, args.seed, device, rank, world, args.quick)
+    teacher, tckpt, teacher_path = teachers.get_or_train(args.teacher, args.seed, device, rank, world)
     args.teacher = teacher_path
     teacher_fp = fingerprint(teacher)
     ds = tckpt["data"]
     K, size = len(ds["classes"]), ds["image_size"]
     # rank 0 trains and caches the classifiers; the other ranks then read them
-    steps = QUICK_CLASSIFIER_STEPS if args.quick else None  # None: evaluate.CLASSIFIER_STEPS
-    pair_filter = distributed.main_first(lambda: load_filter(ds["dataset"], ds["data_dir"], size, device, steps))
-    judge = load_judge(ds["dataset"], ds["data_dir"], size, device, steps) if rank == 0 else None
+    pair_filter = distributed.main_first(lambda: load_filter(ds["dataset"], ds["data_dir"], size, device))
+    judge = load_judge(ds["dataset"], ds["data_dir"], size, device) if rank == 0 else None
     settings = pair_settings(args)
     guidance, weak_fp = teachers.guidance(args.guidance, teacher_path, device, args.interval)
     folder = args.pairs_dir or pairs.cache_dir(settings, teacher_path, teacher_fp, weak_fp)
@@ -215,7 +215,7 @@ def main(argv=None):
     n_train = sum(p.numel() for p in refiner.parameters() if p.requires_grad)
     how = f"LoRA rank {args.lora_rank} on {len(lora_layers(refiner))} layers" if args.lora_rank else "full fine-tuning"
     print(f"refiner: {how}, {n_train / 1e6:.3f}M trainable parameters; MSD over {args.msd_steps} steps")
-    meta = {"teacher_fingerprint": teacher_fp, "teacher": teacher_path, "args": vars(args)}
+    meta = {"teacher_fingerprint": teacher_fp, "teacher": os.path.abspath(teacher_path), "args": vars(args)}
     refiner = fit(refiner, teacher, train_pairs, val, training(args), device, ckpt_path, meta, args.resume,
                   args.stop_at).merge()
     if args.stop_at is not None and args.stop_at < args.steps:
@@ -234,7 +234,8 @@ def main(argv=None):
     fid_rows = None
     if inception is not None:
         scorer = fid.FID(inception)
-        fid_rows = scorer.table(images, scorer.reference(ds["dataset"], ds["data_dir"], size), ("refined", "cfg"))
+        fid_rows = scorer.table(images, scorer.reference(ds["dataset"], ds["data_dir"], size),
+                                ("refined", args.guidance))
         fid.print_fid(fid_rows)
     save_json({"regimes": rows, "differences": differences, "time_refined_over_guided": speed, "fid": fid_rows,
                "judge": judge.info(), "filter": pair_filter.info(), "bank": args.bank, "teacher": teacher_path,
@@ -243,7 +244,7 @@ def main(argv=None):
     save_atomic({name: {"feats": m.feats, "probs": m.probs, "labels": m.labels} for name, m in measured.items()},
                 os.path.join(args.out, "measured.pt"))  # what the judge saw: a table can be re-scored from it
     titles = {r["name"]: f"{r['name']} w={r['w']:g}" if r["w"] else r["name"] for r in rows}
-    write_regime_grid(images, y, K, os.path.join(args.out, "regimes.png"), titles)
+    write_regime_grid(images, y, ds["classes"], os.path.join(args.out, "regimes.png"), titles)
     print(f"wrote {args.out}/metrics.json, measured.pt and regimes.png (columns: {', '.join(images)}); "
           f"total {time.perf_counter() - start:.0f} s")
 

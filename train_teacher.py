@@ -5,7 +5,9 @@
     torchrun --standalone --nproc_per_node=4 train_teacher.py ...   # DDP: --batch-size is the global batch
 
 Writes --out/ckpt.pt (atomically) and --out/samples_<step>.png: one row per class, unguided samples
-on the left, CFG samples on the right. --resume continues exactly where the checkpoint stopped.
+on the left, CFG samples on the right. The embedded set's default teacher also ships in teachers/ (what
+train_refiner.py uses when no teacher is given); --check-shipped retrains it and compares. --resume
+continues exactly where the checkpoint stopped.
 The training loop is teacher.fit; this script reads the flags and calls it.
 """
 import argparse
@@ -25,11 +27,12 @@ def build_parser():
     p = cli.Parser(__doc__)
     p.add_argument("--recipe", default="cpu", choices=teacher.RECIPES, help="defaults from a published recipe "
                    "(teacher.RECIPES names each source); the flags below override them")
-    p.add_argument("--dataset", default=d.dataset, choices=data.DATASETS)
-    p.add_argument("--data-dir", type=cli.path, default=d.data_dir, help="where the data set (and the classifiers' "
+    p.add_argument("--dataset", default=d.dataset, choices=data.DATASETS, help="shapes: the embedded set (no "
+                   "download); folder: --data-dir/<class>/<image>")
+    p.add_argument("--data-dir", type=cli.folder, default=d.data_dir, help="where the data set (and the classifiers' "
                    "caches) live")
     p.add_argument("--download", action="store_true", help="cifar10: fetch the archive if missing")
-    p.add_argument("--model", default=d.model, choices=PRESET_NAMES)
+    p.add_argument("--model", default=d.model, choices=PRESET_NAMES, help="the network (models.py's presets)")
     p.add_argument("--image-size", type=cli.integer(8, 512), default=d.image_size, help="None: the preset's size")
     p.add_argument("--batch-size", type=cli.integer(1, 65536), default=d.batch_size, help="global batch (split over "
                    "torchrun's processes)")
@@ -52,10 +55,13 @@ def build_parser():
     p.add_argument("--weak-step", type=cli.integer(1), default=d.weak_step, help="also keep this step's checkpoint, "
                    "as autoguidance's weak model (train_refiner.py --guidance autoguidance)")
     p.add_argument("--seed", type=cli.SEED, default=d.seed, help="seeds the weights, the batches and the grid's noises")
-    p.add_argument("--out", type=cli.path, default="runs/teacher", help="output folder")
+    p.add_argument("--out", type=cli.folder, default="runs/teacher", help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from --out/ckpt.pt")
     p.add_argument("--stop-at", type=cli.integer(1), default=None, help="stop after this step as if interrupted "
                    "(tests)")
+    p.add_argument("--check-shipped", action="store_true", help="only train the default teacher anew (into "
+                   "runs/check-teacher) and compare it with the shipped copy in teachers/, or write a copy where "
+                   "none has today's name")
     accel.add_flags(p, amp=True, compile=True, channels_last=True)
     p.add_argument("--device", type=cli.device, default="auto", help="auto, cpu, cuda, cuda:1, ...")
     return p
@@ -80,6 +86,8 @@ def parse_args(argv=None):
     if args.resume:
         cli.resume_flags(args, cli.given_flags(p, argv), os.path.join(args.out, "ckpt.pt"), "teacher", RESUME_KEYS,
                          RESUME_CHANGEABLE)
+    elif not args.check_shipped:
+        cli.refuse_overwrite(args.out, "teacher")
     return args
 
 
@@ -91,9 +99,12 @@ def settings_of(args):
 @entry_point
 def main(argv=None):
     args = parse_args(argv)
+    if args.check_shipped:
+        return teacher.check_shipped(resolve_device(args.device))
     rank, world, device = distributed.init(resolve_device(args.device))
     if rank == 0:
         print(f"train_teacher: {vars(args)}")
+        cli.warn_if_cpu_busy(device)
         make_out_dir(args.out)
     distributed.barrier()
     teacher.fit(settings_of(args), args.out, device, args.resume, args.stop_at, args.compile, rank, world,
