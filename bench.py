@@ -4,36 +4,11 @@
     python bench.py --quick              # the same tables, fewer rows (about 2 minutes on 2 cores)
     python bench.py --device cuda --models dit-cifar unet-cifar --json bench.json
 
-Networks have random weights: timing needs no data set and no training. Every number is measured:
-a warm-up run first, then --repeats rounds in which the configurations take turns (so a slow spell of
-the machine hits all of them alike); each time is the median over rounds with its min-max. Each ratio is
-the ratio of the two configurations' fastest rounds, printed beside the min-max of the per-round ratios
-(CUDA: synchronised around the timed region). Why the fastest round: other work on the machine can only
-make a round slower, never faster, so each configuration's fastest round is the least disturbed measure
-of it (the advice of Python's timeit); a median still moves when half the rounds are slowed. A warning is
-printed when a configuration's rounds differ by more than timing.SPREAD_WARN. `--load-check` measures the
-refined/CFG ratio on a quiet machine and again beside a CPU-burning process, and says whether they agree
-within LOAD_TOLERANCE. Forwards per image are counted by a hook on the networks, not assumed.
-
-On a CPU the timing runs on one thread by default (--threads). With every core in use, another process
-on the machine takes a core that one of our threads needs, and every operation waits at its barrier for
-that thread; how long depends on the operation's size, so CFG's batch of 2B and refined sampling's batch
-of B are slowed by different shares and their ratio moves (with two threads, and before the allocator fix
-below, --quick's ratios moved by up to 26% beside one busy process). On one thread the other process takes
-the other core (with the steady heap, --quick's ratios stayed within 2% of the quiet runs': docs/speed.md).
-Absolute speed on all cores: --threads 0.
-
-And the allocator is held steady. glibc moves its mmap threshold with the program's history of frees, so
-one process serves a batch's activations from reused heap memory and the next maps (and page-faults) fresh
-pages for them; that alone made the UNet's refined/CFG ratio anything from 1.87x to 2.76x in quiet processes
-of the same command. Before it times anything, bench.py fixes the threshold at 32 MB, glibc's own ceiling for
-it, and the trim threshold at 256 MB (mallopt), so every process serves activations from the heap it keeps:
-1.79-1.87x over five processes, and CFG 1.5x faster than in the slow ones.
-
-Peak memory is the memory the work itself needs: on CUDA torch.cuda.max_memory_allocated minus what was
-allocated once the networks and inputs were in place; on CPU each configuration runs in its own
-subprocess and reports its peak RSS minus its RSS at that same point (the peak is reset there through
-/proc/self/clear_refs, so loading does not count).
+Networks have random weights: timing needs no data set and no training. Configurations take turns over
+--repeats rounds after a warm-up; each ratio is the ratio of the fastest rounds, printed with the range of
+the per-round ratios (timing.py). On a CPU the timing runs on one thread (--threads) with glibc's allocator
+held steady; peak memory is what the work itself adds. Why each choice, and what it changed when it was
+measured: docs/speed.md. Forwards per image are counted by a hook on the networks, not assumed.
 
 The paper's promises measured here: NoiseRefine samples with N + 1 forwards instead of CFG's 2N (speed-up
 limit 2N / (N + 1)); L_MSD needs no backward through the N teacher calls (on paper (2N + 3) / (N + 3)
@@ -95,7 +70,7 @@ def build_parser():
     p.add_argument("--parts", nargs="+", default=PARTS, choices=PARTS, help="which tables to measure")
     p.add_argument("--load-check", action="store_true", help="only the refined/CFG sampling ratio of the first "
                    "--models and --steps, quiet and beside a CPU-burning process (about a minute on 2 cores)")
-    p.add_argument("--json", type=cli.path, default=None, help="write the tables here")
+    p.add_argument("--json", type=cli.file_path, default=None, help="write the tables here")
     p.add_argument("--seed", type=cli.SEED, default=0, help="seeds the random networks and inputs")
     p.add_argument("--device", type=cli.device, default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one isolated CPU row (internal)

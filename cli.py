@@ -115,6 +115,22 @@ def path(text):
     return text
 
 
+@flag_type("a folder")
+def folder(text):
+    """A folder to read or write: a path, and not an existing file."""
+    if os.path.isfile(path(text)):
+        raise argparse.ArgumentTypeError(f"{text!r} is a file; expected a folder")
+    return text
+
+
+@flag_type("a file name")
+def file_path(text):
+    """A file to write: a path, and not an existing folder."""
+    if os.path.isdir(path(text)):
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; expected a file name")
+    return text
+
+
 @flag_type("auto, cpu, cuda or cuda:N")
 def device(text):
     """A device this torch can use; resolve_device turns 'auto' into one."""
@@ -199,6 +215,14 @@ def resume_flags(args, given, path, kind, keys, changeable=()):
         print(f"resuming {path} with its own {', '.join(taken)}")
 
 
+def refuse_overwrite(out, kind):
+    """A run without --resume never overwrites the checkpoint a run before it kept."""
+    path = os.path.join(out, "ckpt.pt")
+    if os.path.isfile(path):
+        die(f"--out {out} already holds a {kind} ({path}): --resume continues it (a finished one is only scored "
+            "again); delete it, or choose another --out, to train anew")
+
+
 def make_out_dir(path):
     """Create --out and lock it for this process (safety.lock_folder)."""
     try:
@@ -218,6 +242,17 @@ def resolve_device(name):
             die(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return name
+
+
+def warn_if_cpu_busy(device):
+    """One line when other work keeps the CPU busy: two torch jobs on the same cores each run many times
+    slower (their threads wait for each other), unless each is given OMP_NUM_THREADS=1."""
+    if device != "cpu" or torch.get_num_threads() == 1 or not hasattr(os, "getloadavg"):
+        return
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > cores - 0.5:
+        print(f"note: the CPU is busy (load {load:.1f} on {cores} cores); beside another torch job this one runs "
+              "many times slower: wait for it, or run each with OMP_NUM_THREADS=1")
 
 
 def seed_everything(seed):

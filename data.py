@@ -239,14 +239,19 @@ def imagenet64(data_dir, split="train", image_size=None):
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
+def hidden(name):
+    """What a notebook or an unzipped archive leaves beside the classes (.ipynb_checkpoints, __MACOSX, ._x.png)."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
 def image_folder(root, image_size=32, split="train"):
     """Every 10th image of each class (in sorted order) is held out as the test split.
     An unreadable file is skipped with a warning, so one bad file does not stop a long run."""
     if not os.path.isdir(root):
         raise BadInput(f"--data-dir {root}: not a folder")
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    files = {c: sorted(f for f in os.listdir(os.path.join(root, c)) if f.lower().endswith(IMAGE_EXTS))
-             for c in classes}
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not hidden(d))
+    files = {c: sorted(f for f in os.listdir(os.path.join(root, c)) if f.lower().endswith(IMAGE_EXTS)
+                       and not hidden(f)) for c in classes}
     classes = [c for c in classes if files[c]]
     if len(classes) < 2:
         raise BadInput(f"--data-dir {root}: need at least 2 class folders with images "
@@ -288,9 +293,10 @@ def read_image(path, size):
 # ----------------------------------------------------------------------------------------------
 
 
-def save_grid(images, nrow, path, scale=4, pad=1, header=()):
+def save_grid(images, nrow, path, scale=4, pad=1, header=(), row_names=()):
     """Write (N, 3, H, W) images in [-1, 1] as one PNG, nrow images per row, upscaled `scale` times.
-    header: (title, columns) pairs, written left to right above the grid, each over its columns."""
+    header: (title, columns) pairs, written left to right above the grid, each over its columns; row_names:
+    a name per row (the class), written left of it."""
     x = to_uint8(images).numpy()
     N, C, H, W = x.shape
     rows = -(-N // nrow)
@@ -300,9 +306,25 @@ def save_grid(images, nrow, path, scale=4, pad=1, header=()):
         canvas[pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = \
             x[i].transpose(1, 2, 0)
     img = Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST)
+    if row_names:
+        img = with_row_names(img, row_names, (H + pad) * scale, pad * scale)
     if header:
-        img = with_header(img, header, (W + pad) * scale, pad * scale)
+        left = img.width - nrow * (W + pad) * scale - pad * scale  # the row names' strip
+        img = with_header(img, header, (W + pad) * scale, left + pad * scale)
     write_atomic(path, lambda f: img.save(f, format="PNG"))
+
+
+def with_row_names(img, names, row_height, top):
+    """The image right of a white strip with each row's name beside it (Pillow's built-in font)."""
+    from PIL import ImageDraw
+    draw = ImageDraw.Draw(img)
+    strip = int(max(draw.textlength(str(n)) for n in names)) + 8
+    out = Image.new("RGB", (img.width + strip, img.height), "white")
+    out.paste(img, (strip, 0))
+    draw = ImageDraw.Draw(out)
+    for i, name in enumerate(names):
+        draw.text((4, top + i * row_height + row_height / 2 - 5), str(name), fill="black")
+    return out
 
 
 def with_header(img, header, column_width, left):

@@ -135,7 +135,7 @@ def guided_eps(model, x, t, y, w=0.0, pag=0.0):
         null = torch.full_like(y, model.num_classes)
         eps_c, eps_u = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, null])).to(x.dtype).chunk(2)
         w = w.view(-1, 1, 1, 1) if torch.is_tensor(w) else w
-        eps = eps_c + w * (eps_c - eps_u)  # fp32: eps_c - eps_u is small next to either term
+        eps = eps_c + w * (eps_c - eps_u)  # in x's dtype; under bf16 autocast eps_c, eps_u were rounded already
     else:
         eps_c = eps = model(x, tt, y).to(x.dtype)
     if pag != 0:  # perturbed-attention guidance: self-attention map replaced by the identity

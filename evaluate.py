@@ -535,7 +535,7 @@ def build_parser():
     p.add_argument("--bank", default="test", choices=noises.BANKS,
                    help="held-out noises: 'test' for reported tables, 'dev' for choosing settings")
     p.add_argument("--batch-size", type=cli.integer(1, 65536), default=BATCH, help="sampling batch")
-    p.add_argument("--json", type=cli.path, default=None, help="also write the table here")
+    p.add_argument("--json", type=cli.file_path, default=None, help="also write the table here")
     p.add_argument("--fid", action="store_true", help="also Inception FID against the training set (needs "
                    "pytorch-fid; fid.py)")
     p.add_argument("--seed", type=cli.SEED, default=0, help="seeds torch; the noise bank itself is fixed")

@@ -112,8 +112,9 @@ class Refiner(nn.Module):
     re-initialised to zero: f_phi = 0 and g_phi is exactly the identity at initialisation, and the
     adapted trunk learns only the (small, low-frequency) correction. One network forward per refinement.
 
-    rank > 0: LoRA adapters on every other layer, base weights frozen (the paper's choice);
-    rank = 0: the whole copy is fine-tuned.
+    rank > 0: LoRA adapters on every other layer, base weights frozen (the paper's choice, for its large
+    teachers); rank = 0: the whole copy is fine-tuned (train_refiner.py's default and every table's here:
+    on the 0.67M-parameter teacher it did better, docs/ablations.md).
     """
 
     def __init__(self, teacher, rank=8, alpha=None):

@@ -53,6 +53,7 @@ RECIPES = {
     "default": [],
     "steps1500": ["--steps", "1500"],
     "lr1e-3": ["--lr", "1e-3"],
+    "lr1e-3-steps1500": ["--lr", "1e-3", "--steps", "1500"],
     "lora8": ["--lora-rank", "8", "--lr", "1e-3"],
     "pairs20k": ["--pairs", "20000"],
     "n5": ["--msd-steps", "5"],
@@ -72,7 +73,7 @@ def build_parser():
     p.add_argument("--fd-reference", action="store_true", help="also print each table's FD_cls intervals with the "
                    "real reference resampled (as every table does) and held fixed (as they did before): "
                    "docs/evaluation.md")
-    p.add_argument("--out", type=cli.path, default="runs/study", help="output folder (one folder per teacher)")
+    p.add_argument("--out", type=cli.folder, default="runs/study", help="output folder (one folder per teacher)")
     p.add_argument("--device", type=cli.device, default="auto", help="auto, cpu, cuda, cuda:1, ...")
     return p
 

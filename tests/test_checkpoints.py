@@ -65,6 +65,19 @@ def test_truncated_and_wrong_format_checkpoints(tmp_path, capsys):
             load_teacher(str(tmp_path / name))
 
 
+def test_a_long_load_error_is_cut_at_a_word_not_inside_one(tmp_path, monkeypatch):
+    words = [f"word{i}" for i in range(60)]  # 419 characters: longer than the message keeps
+
+    def fail(*a, **k):
+        raise RuntimeError(" ".join(words))
+    (tmp_path / "ckpt.pt").write_bytes(b"x")
+    monkeypatch.setattr(torch, "load", fail)
+    with pytest.raises(BadInput) as e:
+        load_teacher(str(tmp_path / "ckpt.pt"))
+    why = str(e.value).split("(RuntimeError: ")[1].rstrip(")")
+    assert why.endswith(" ...") and why[:-4].split() == words[:len(why[:-4].split())]
+
+
 def test_refiner_on_another_teacher_is_a_clear_error(tmp_path, capsys):
     teacher, other = tiny_model("unet", seed=0), tiny_model("unet", seed=1)
     refiner = Refiner(teacher, 4)

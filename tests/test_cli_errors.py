@@ -62,6 +62,9 @@ def make_bad_files(t):
     (t / "resume_t").mkdir()
     save_atomic({"kind": "teacher", "format": FORMAT, "args": {"model": "unet-tiny", "dataset": "shapes"}},
                 str(t / "resume_t" / "ckpt.pt"))
+    (t / "shipped_t").mkdir()
+    save_atomic({"kind": "teacher", "format": FORMAT, "args": {"model": "unet-tiny", "dataset": "shapes"},
+                 "ema": {}}, str(t / "shipped_t" / "ckpt.pt"))
     (t / "resume_r").mkdir()
     save_atomic({"kind": "refiner", "format": FORMAT, "args": {"lora_rank": 0, "pairs": 10000}},
                 str(t / "resume_r" / "ckpt.pt"))
@@ -121,6 +124,21 @@ CASES = [
     (("ablate.py", "--teacher", "{t}/teacher.pt", "--seeds", "0", "0"), "--seeds must differ from each other"),
     (("bench.py", "--models", "resnet"), "argument --models: invalid choice: 'resnet'"),
     (("make_assignment.py", "--out", "{t}/a_file"), "exists and is not an empty folder"),
+    # a folder flag given a file, and a file flag given a folder
+    (("train_teacher.py", "--out", "{t}/a_file"), "argument --out: '{t}/a_file' is a file; expected a folder"),
+    (("train_teacher.py", "--dataset", "folder", "--data-dir", "{t}/a_file"), "argument --data-dir: '{t}/a_file' is a file"),
+    (("train_refiner.py", "--out", "{t}/a_file"), "argument --out: '{t}/a_file' is a file; expected a folder"),
+    (("train_refiner.py", "--pairs-dir", "{t}/a_file"), "argument --pairs-dir: '{t}/a_file' is a file"),
+    (("analyze.py", "diff", "--out", "{t}/a_file"), "argument --out: '{t}/a_file' is a file"),
+    (("ablate.py", "--out", "{t}/a_file"), "argument --out: '{t}/a_file' is a file"),
+    (("study.py", "--out", "{t}/a_file"), "argument --out: '{t}/a_file' is a file"),
+    (("sample.py", "--out", "{t}/empty"), "argument --out: '{t}/empty' is a folder; expected a file name"),
+    (("bench.py", "--json", "{t}/empty"), "argument --json: '{t}/empty' is a folder"),
+    (("evaluate.py", "--json", "{t}/empty"), "argument --json: '{t}/empty' is a folder"),
+    # a kept checkpoint is not overwritten by a run without --resume
+    (("train_teacher.py", "--out", "{t}/resume_t"), "--out {t}/resume_t already holds a teacher"),
+    (("train_refiner.py", "--out", "{t}/resume_r"), "--out {t}/resume_r already holds a refiner"),
+    (("train_teacher.py", "--resume", "--out", "{t}/shipped_t"), "holds sampling weights only (a shipped teacher)"),
 ]
 
 
@@ -149,3 +167,19 @@ def test_a_second_run_into_the_same_out_is_refused_and_a_stale_lock_taken_over(t
                  "--out", str(out), "--device", "cpu", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert (out / "ckpt.pt").exists() and not (out / ".lock").exists()
+
+
+def test_a_busy_cpu_is_said_in_one_line_unless_each_job_has_one_thread(monkeypatch, capsys):
+    import cli
+    import torch
+    monkeypatch.setattr(os, "getloadavg", lambda: (float(os.cpu_count() or 1) + 1, 0.0, 0.0))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        cli.warn_if_cpu_busy("cpu")
+        assert "OMP_NUM_THREADS=1" in capsys.readouterr().out
+        torch.set_num_threads(1)
+        cli.warn_if_cpu_busy("cpu")
+        assert capsys.readouterr().out == ""
+    finally:
+        torch.set_num_threads(threads)

@@ -92,6 +92,16 @@ def test_image_folder(tmp_path):
     assert train.images[0, 0].float().mean() == 255 and train.images[-1, 2].float().mean() == 255
 
 
+def test_what_notebooks_and_archives_leave_in_an_image_folder_is_not_a_class(tmp_path):
+    for c in ("cats", "dogs", ".ipynb_checkpoints", "__MACOSX"):
+        (tmp_path / c).mkdir()
+        for i in range(3):
+            Image.new("RGB", (8, 8)).save(tmp_path / c / f"{i}.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "cats" / "._0.png")  # macOS metadata beside a real image
+    train = data.load_dataset("folder", str(tmp_path), image_size=8, split="train")
+    assert train.classes == ["cats", "dogs"] and len(train) == 6
+
+
 def test_image_folder_with_one_class_is_a_clear_error(tmp_path):
     (tmp_path / "only").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "only" / "a.png")

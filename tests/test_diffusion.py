@@ -70,7 +70,6 @@ def test_ddim_with_oracle_eps_follows_q_sample_and_lands_on_x0():
         x = diffusion.ddim_step(x, model(x, torch.full((2,), t), y), a_t, b_t)
         expected = q_sample(x0, torch.full((2,), t_prev), eps) if t_prev >= 0 else x0
         assert torch.allclose(x, expected, atol=1e-8)
-    assert torch.allclose(sample(model, q_sample(x0, torch.full((2,), 999), eps), y, 10), x0, atol=1e-8)
 
 
 class Counting(torch.nn.Module):

@@ -74,6 +74,34 @@ def test_each_grading_command_fails_on_the_student_copy_and_passes_here(student)
         assert there.returncode != 0 and "NotImplementedError" in there.stdout, (command, there.stdout[-2000:])
 
 
+def graded():
+    """[(number, functions, command, promised count)] of EXERCISES.md's graded exercises, in its order; a
+    function is named as make_assignment.py --only takes it ('noiserefine.LoRA.forward' -> 'LoRA.forward')."""
+    text, found = open(os.path.join(ROOT, "EXERCISES.md")).read(), []
+    for number, names, body in re.findall(r"^## (\d+)\. [^\n]*?: (`[^\n]+`)\n(.*?)(?=^## |\Z)", text, re.M | re.S):
+        command = re.search(r"^    (python -m pytest .+)$", body, re.M)
+        promised = re.search(r"Passing: `(\d+) passed`", body)
+        names = [n.split(".", 1)[1] if os.path.isfile(os.path.join(ROOT, n.split(".")[0] + ".py")) else n
+                 for n in re.findall(r"`([\w.]+)`", names)]
+        found.append((int(number), names, command.group(1), int(promised.group(1))))
+    return found
+
+
+def test_the_exercises_solved_in_order_each_pass_with_the_count_they_promise(tmp_path):
+    exercises = graded()
+    assert [n for n, *_ in exercises] == list(range(1, len(exercises) + 1))
+    every = sorted(n for _, names, _, _ in exercises for n in names)
+    assert every == sorted(make_assignment.all_exercises(make_assignment.repository_files()))
+    for k, (number, _, command, promised) in enumerate(exercises):
+        later = [n for _, names, _, _ in exercises[k + 1:] for n in names]  # still blank
+        copy = tmp_path / f"solved-1-to-{number}"
+        if later:
+            assert make(copy, "--only", *later).returncode == 0
+        result = grade(command, copy if later else ROOT)
+        assert result.returncode == 0 and re.search(rf"(^|\s){promised} passed", result.stdout), (number, result.stdout[-1500:])
+        assert "failed" not in result.stdout and "error" not in result.stdout.lower(), (number, result.stdout[-1500:])
+
+
 def test_only_blanks_the_named_functions(tmp_path):
     assert make(tmp_path / "one", "--only", "msd_loss").returncode == 0
     assert "raise NotImplementedError" not in open(tmp_path / "one" / "diffusion.py").read()

@@ -91,9 +91,15 @@ def test_stop_gradient_really_stops():
     formula = prod_a(5) * 2 * (x_hat_0 - x0_guide) / x0_guide.numel()
     assert torch.allclose(x_hat_T.grad, formula, rtol=1e-9)
 
+
+def test_the_full_loss_does_backpropagate_through_the_teacher():
+    teacher = Nonlinear()
+    x_T, y, x0_guide = (t.double() if t.is_floating_point() else t for t in batch())
+    with torch.no_grad():
+        formula = prod_a(5) * 2 * (sample(teacher, x_T, y, steps=5) - x0_guide) / x0_guide.numel()  # L_MSD's
     x_full = x_T.clone().requires_grad_(True)
     full_loss(teacher, x_full, y, x0_guide, steps=5).backward()
-    assert teacher.scale.grad is not None  # the full loss does backpropagate through the teacher
+    assert teacher.scale.grad is not None
     assert not torch.allclose(x_full.grad, formula, rtol=1e-3)
 
 
