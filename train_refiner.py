@@ -17,6 +17,7 @@
    that is not the filter: unguided, Gaussian noise with the pairs' guidance, refined-unguided, with 95%
    bootstrap intervals; metrics.json and a PNG grid with the regimes side by side.
 """
+import importlib
 import os
 import time
 
@@ -24,7 +25,6 @@ import torch
 
 import accel
 import distributed
-import fid
 import noises
 import pairs
 import teacher as teachers
@@ -189,6 +189,7 @@ def main(argv=None):
     seed_everything(args.seed)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     start = time.perf_counter()
+    fid = importlib.import_module("fid") if args.fid else None  # Inception's code only when asked for
     inception = fid.inception(device) if args.fid and rank == 0 else None  # a missing package fails here, not late
     teacher, tckpt, teacher_path = teachers.get_or_train(args.teacher, args.seed, device, rank, world)
     args.teacher = teacher_path

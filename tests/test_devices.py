@@ -136,6 +136,9 @@ def test_fid_plumbing_with_a_stand_in_feature_extractor(tmp_path, monkeypatch):
     assert set(report["fid"]) == {"unguided", "cfg", "cfg_top", "refined"}
     assert all(r["n"] == 8 and r["fid"] >= 0 and r["reference_n"] == 36 for r in report["fid"].values())
     assert report["fid"]["refined"]["fid_to_cfg"] >= 0
+    # another guidance: the refined samples are compared with that guidance's own samples
+    train_refiner.main(["--teacher", teacher, *TINY_RUN, "--fid", "--guidance", "interval", "--out", str(tmp_path / "i")])
+    assert json.load(open(tmp_path / "i" / "metrics.json"))["fid"]["refined"]["fid_to_interval"] >= 0
     cached = [f for f in os.listdir(tmp_path / "images") if f.startswith("fid_stats_")]
     assert len(cached) == 1  # the training set's statistics, cached beside the data
     scorer = fid.FID(stand_in_features)  # against its own statistics, a set is at distance 0
