@@ -12,6 +12,7 @@
     python analyze.py samplers      # refined noise under DDIM, Euler, DPM-Solver++(2M)   (Fig. 29)
     python analyze.py judges        # every regime scored by the judge and by the filter  (beyond the paper)
     python analyze.py guidance      # each guidance's scale on Gaussian noise: how pairs.GUIDANCE_W was chosen
+    python analyze.py frontier --out docs   # quality against forwards per image, test bank: docs/frontier.png
     python analyze.py all
 
 Each prints its numbers and writes --out/<name>.png (an image grid) and/or --out/<name>.csv (curves; also
@@ -29,11 +30,12 @@ import torch
 
 import data
 import noises
-from checkpoint import load_checkpoint, load_teacher, teacher_of
+import plot
+from checkpoint import load_checkpoint, load_teacher, save_json, teacher_of
 import cli
 from cli import entry_point, print_table, resolve_device, seed_everything
 from diffusion import CFG, STEPS, SAMPLERS, Guidance, ddim_invert, q_sample, sample, sample_many, timestep_batch
-from evaluate import FILTER, Judge, judge_line, load_judge, load_or_train, run_regime
+from evaluate import FILTER, Judge, judge_line, load_judge, load_or_train, run_regime, run_regimes
 from noiserefine import Training, full_loss, load_refiner, msd_loss, refine_many
 from pairs import DISPLAY_W, INTERVAL, PAG_SCALE
 from teacher import TeacherSettings, get_weak
@@ -536,10 +538,78 @@ def analysis_guidance(ctx):
     return rows
 
 
+# ----------------------------------------------------------------------------------------------
+# 13. The cost-quality frontier (beyond the paper's tables): which sampling is best for the forwards paid
+# ----------------------------------------------------------------------------------------------
+
+FRONTIER_W = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0)
+FRONTIER_STEPS = (5, 10, 20, 50)
+
+
+def frontier_point(series, row):
+    keys = ("steps", "w", "class_acc", "fd_cls", "precision", "recall", "nfe_per_image", "sec_per_image")
+    return {"series": series, **{k: row[k] for k in keys}, "ci": {k: row["ci"][k] for k in ("class_acc", "fd_cls")}}
+
+
+def analysis_frontier(ctx):
+    """A final table, so on the *test* bank (nothing is chosen from it), every point judged with its 95%
+    interval: Gaussian noise with CFG over FRONTIER_W at ctx.steps (the guidance trade-off), and CFG at
+    w = DISPLAY_W against refined noise at FRONTIER_STEPS DDIM steps (the budget axis: refined at N steps
+    pays N + 1 forwards, CFG 2N). Forwards are counted by hooks; time per image from interleaved rounds.
+    Writes frontier.json, frontier.csv and frontier.png (docs/frontier.png: --out docs)."""
+    x_T, y = noises.bank("test", ctx.n, ctx.K, (3, ctx.size, ctx.size))
+    points = []
+    for steps in sorted(set(FRONTIER_STEPS) | {ctx.steps}):
+        regimes = {f"cfg w={w:g}": dict(w=w) for w in (FRONTIER_W if steps == ctx.steps else (DISPLAY_W,))}
+        rows, _, _, _ = run_regimes(ctx.teacher, ctx.judge, x_T, y, {**regimes, "refined": dict(refiner=ctx.refiner)},
+                                    steps)
+        for name, row in rows.items():
+            series = "refined" if name == "refined" else "cfg" if row["w"] == DISPLAY_W else "cfg over w"
+            points.append(frontier_point(series, row))
+            if steps == ctx.steps and row["w"] in (0.0, DISPLAY_W) and name != "refined":
+                points.append(frontier_point("cfg over w", row) if row["w"] == DISPLAY_W else
+                              frontier_point("unguided", row))
+    header = ["series", "steps", "w", "forwards / image", "ms / image", "class acc [95% CI]", "FD_cls [95% CI]",
+              "precision", "recall"]
+    cells = [[p["series"], p["steps"], f"{p['w']:g}", f"{p['nfe_per_image']:g}", f"{1000 * p['sec_per_image']:.2f}",
+              f"{p['class_acc']:.3f} [{p['ci']['class_acc'][0]:.3f}, {p['ci']['class_acc'][1]:.3f}]",
+              f"{p['fd_cls']:.2f} [{p['ci']['fd_cls'][0]:.2f}, {p['ci']['fd_cls'][1]:.2f}]", f"{p['precision']:.3f}",
+              f"{p['recall']:.3f}"] for p in points if p["series"] != "cfg over w" or p["w"] != DISPLAY_W]
+    print(f"{len(y)} test-bank noises; CFG at w = {DISPLAY_W:g} on the budget axis; the w sweep at {ctx.steps} steps")
+    print_table(header, cells)
+    save_json({"points": points, "n": len(y), "bank": "test", "teacher": ctx.teacher_path}, os.path.join(ctx.out,
+                                                                                                  "frontier.json"))
+    print("wrote", write_csv(ctx, "frontier", header, cells), "and frontier.json")
+    print("wrote", draw_frontier(points, ctx.steps, os.path.join(ctx.out, "frontier.png")))
+    return points
+
+
+def draw_frontier(points, steps, path):
+    """Four panels: FD_cls and class accuracy against forwards per image (log axis), CFG and refined noise
+    over the step counts; accuracy against FD_cls and precision against recall over CFG's w, refined beside."""
+    def marks(series, x, y, tag, at=None):  # [(x, y, y_lo, y_hi, tag)], the interval where there is one
+        return [(p[x], p[y], *p["ci"].get(y, (p[y], p[y])), tag(p)) for p in points
+                if p["series"] == series and at in (None, p["steps"])]
+    budget = {"cfg": f"Gaussian + CFG w={DISPLAY_W:g}", "refined": "refined, unguided", "unguided": "Gaussian, unguided"}
+    panels = [dict(title=f"{label} against cost; labels: DDIM steps", xlabel="forwards per image",
+                   ylabel=label.split(" (")[0],
+                   logx=True, series=[(name, marks(k, "nfe_per_image", y, lambda p: f"{p['steps']}"), k != "unguided")
+                                      for k, name in budget.items()])
+              for y, label in (("fd_cls", "FD_cls (lower is better)"), ("class_acc", "class accuracy"))]
+    panels += [dict(title=f"{y} against {x} at {steps} steps; labels: CFG's w", xlabel=x.replace("fd_", "FD_"),
+                    ylabel=y,
+                    series=[("Gaussian + CFG over w", marks("cfg over w", x, y, lambda p: f"{p['w']:g}", steps), True),
+                            ("refined, unguided", marks("refined", x, y, lambda p: "", steps), False)])
+               for x, y in (("fd_cls", "class_acc"), ("recall", "precision"))]
+    plot.save_panels(panels, path)
+    return path
+
+
 ANALYSES = {"diff": analysis_diff, "spectrum": analysis_spectrum, "layout": analysis_layout,
             "trajectory": analysis_trajectory, "bandswap": analysis_bandswap, "slerp": analysis_slerp,
             "mismatch": analysis_mismatch, "jacobian": analysis_jacobian, "inversion": analysis_inversion,
-            "samplers": analysis_samplers, "judges": analysis_judges, "guidance": analysis_guidance}
+            "samplers": analysis_samplers, "judges": analysis_judges, "guidance": analysis_guidance,
+            "frontier": analysis_frontier}
 
 
 def build_parser():
@@ -576,7 +646,7 @@ def main(argv=None):
     ctx = Context(teacher, refiner, judge, len(ds["classes"]), ds["image_size"], args.out, args.n, args.steps,
                   (ds["dataset"], ds["data_dir"], ds["image_size"]), args.teacher)
     results = {}
-    for name in (ANALYSES if args.name == "all" else [args.name]):
+    for name in ([n for n in ANALYSES if n != "frontier"] if args.name == "all" else [args.name]):  # frontier: test bank
         start = time.perf_counter()
         print(f"\n== {name}")
         results[name] = ANALYSES[name](ctx)

@@ -63,10 +63,10 @@ def test_every_analysis_runs_and_writes_its_files(tiny_run, device):
     results = analyze.main(["all", "--teacher", str(tiny_run / "t" / "ckpt.pt"), "--refiner",
                             str(tiny_run / "r" / "ckpt.pt"), "--n", "20", "--steps", "2", "--out", str(out),
                             "--device", device])
-    assert list(results) == list(analyze.ANALYSES)
+    assert list(results) == [name for name in analyze.ANALYSES if name != "frontier"]  # all: the dev bank only
     for name in ("layout", "trajectory", "bandswap", "slerp", "mismatch", "inversion"):
         assert os.path.isfile(out / f"{name}.png"), name
-    for name in analyze.ANALYSES:
+    for name in results:
         if name != "layout":
             assert os.path.isfile(out / f"{name}.csv"), name
     assert results["diff"]["mean_independent"] == pytest.approx(2 / math.sqrt(math.pi), rel=0.1)  # E|N(0, 2)|
@@ -76,6 +76,20 @@ def test_every_analysis_runs_and_writes_its_files(tiny_run, device):
     assert len(results["guidance"]) == 20 and {r[0] for r in results["guidance"]} == {"cfg", "cfg+pag", "autoguidance",
                                                                                        "interval"}
     assert len(results["judges"]) == 3 and all(0 <= v["acc_filter"] <= 1 for v in results["judges"].values())
+
+
+def test_the_frontier_counts_n_plus_1_forwards_for_refined_noise_and_2n_for_cfg(tiny_run):
+    out = tiny_run / "frontier"
+    analyze.main(["frontier", "--refiner", str(tiny_run / "r" / "ckpt.pt"), "--n", "20", "--steps", "2", "--out",
+                  str(out), "--device", "cpu"])
+    points = json.load(open(out / "frontier.json"))["points"]
+    steps = sorted({2, *analyze.FRONTIER_STEPS})
+    for series, forwards in (("refined", lambda n: n + 1), ("cfg", lambda n: 2 * n)):
+        mine = [p for p in points if p["series"] == series]
+        assert [p["steps"] for p in mine] == steps and all(p["nfe_per_image"] == forwards(p["steps"]) for p in mine)
+    assert sorted(p["w"] for p in points if p["series"] == "cfg over w") == sorted(analyze.FRONTIER_W)
+    assert all(p["ci"]["class_acc"][0] <= p["class_acc"] <= p["ci"]["class_acc"][1] for p in points)
+    assert os.path.isfile(out / "frontier.png") and os.path.isfile(out / "frontier.csv")
 
 
 @pytest.mark.device
