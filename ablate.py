@@ -250,6 +250,8 @@ def build_parser():
     p.add_argument("--teacher", type=cli.checkpoint_file, default=None, help="teacher checkpoint (default: "
                    f"{teachers.DEFAULT_TEACHER}, the shipped teacher's copy, trained first if there is none)")
     p.add_argument("--steps", type=cli.integer(1), default=400, help="training steps of every trained row")
+    p.add_argument("--lr", type=cli.number(0, 1, lo_open=True), default=d.lr, help="peak learning rate of every "
+                   "trained row (the tables in docs/ablations.md and docs/guidance.md: 3e-4)")
     p.add_argument("--pairs", type=cli.integer(1, 10 ** 8), default=pairs.PairSettings().count, help="the pairs "
                    "budget (the default refiner's)")
     p.add_argument("--batch-size", type=cli.integer(1, 65536), default=d.batch_size, help="batch of every trained row")
@@ -277,7 +279,7 @@ def row_training(row, args, seed):
     """A trained row's settings: the refiner's defaults, the shared budget, the row's change."""
     change = {k: v for k, v in TRAINED[row].items() if k not in ("filter", "lora_rank")}  # those are not training's
     return dataclasses.replace(Training(), steps=args.steps, batch_size=args.batch_size, val_every=args.steps,
-                               seed=seed, **change)
+                               seed=seed, **{"lr": args.lr, **change})  # a row's own lr wins
 
 
 def row_dir(row, args, seed):
@@ -425,7 +427,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = resolve_device(args.device)
     seed_everything(0)
-    teacher, tckpt, args.teacher = teachers.get_or_train(args.teacher, 0, device)
+    teacher, tckpt, args.teacher = teachers.get_or_train(args.teacher, device)
     ds = tckpt["data"]
     K, size = len(ds["classes"]), ds["image_size"]
     pair_filter = load_filter(ds["dataset"], ds["data_dir"], size, device)

@@ -44,7 +44,9 @@ def load_checkpoint(path, kind, flag="--teacher"):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, not a checkpoint, or a pickle that wants to run code
-        why = textwrap.shorten((str(e).splitlines() or [""])[0], 120, placeholder=" ...")  # whole words
+        first = (str(e).splitlines() or [""])[0]
+        why = textwrap.shorten(first, 120, placeholder=" ...")  # whole words, unless the first is too long
+        why = why if why != "..." else first[:117] + "..."
         raise BadInput(f"{flag} {path}: not a readable {kind} checkpoint ({type(e).__name__}: {why})") from None
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
         found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
@@ -56,7 +58,11 @@ def load_checkpoint(path, kind, flag="--teacher"):
 
 def teacher_of(refiner_path, flag="--refiner"):
     """The teacher checkpoint a refiner was trained on (stored as an absolute path: found from any folder)."""
-    return load_checkpoint(refiner_path, "refiner", flag)["teacher"]
+    path = load_checkpoint(refiner_path, "refiner", flag)["teacher"]
+    if not os.path.isfile(path):
+        raise BadInput(f"{flag} {refiner_path} was trained on the teacher {path}, which is not there (moved?): "
+                       "name it with --teacher")
+    return path
 
 
 def load_teacher(path, device="cpu", flag="--teacher"):

@@ -126,7 +126,7 @@ def folder(text):
 @flag_type("a file name")
 def file_path(text):
     """A file to write: a path, and not an existing folder."""
-    if os.path.isdir(path(text)):
+    if os.path.isdir(path(text)) or text.endswith(("/", os.sep)):
         raise argparse.ArgumentTypeError(f"{text!r} is a folder; expected a file name")
     return text
 
@@ -217,10 +217,16 @@ def resume_flags(args, given, path, kind, keys, changeable=()):
 
 def refuse_overwrite(out, kind):
     """A run without --resume never overwrites the checkpoint a run before it kept."""
+    from checkpoint import load_checkpoint  # as in resume_flags
     path = os.path.join(out, "ckpt.pt")
-    if os.path.isfile(path):
-        die(f"--out {out} already holds a {kind} ({path}): --resume continues it (a finished one is only scored "
-            "again); delete it, or choose another --out, to train anew")
+    if not os.path.isfile(path):
+        return
+    if "opt" not in load_checkpoint(path, kind, "--out"):
+        die(f"--out {out} holds a copy of the shipped {kind} ({path}); delete {out}, or choose another --out, to "
+            "train one anew")
+    again = "continues it (a finished one is only scored again)" if kind == "refiner" else "continues it"
+    die(f"--out {out} already holds a {kind} ({path}): --resume {again}; delete it, or choose another --out, to "
+        "train anew")
 
 
 def make_out_dir(path):

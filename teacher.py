@@ -278,12 +278,12 @@ def guidance(name, path, device, interval=INTERVAL):
     return CFG, None
 
 
-def get_or_train(path, seed, device, rank=0, world=1):
+def get_or_train(path, device, rank=0, world=1):
     """(teacher, checkpoint, path): the teacher at `path`; with path None, the default teacher: the shipped
-    one (copied to DEFAULT_TEACHER) where it matches TeacherSettings' defaults at this seed, else trained
-    with them (or finished, if a run was interrupted) first, by every torchrun process."""
+    one (copied to DEFAULT_TEACHER), else trained with TeacherSettings' defaults (or finished, if a run was
+    interrupted) first, by every torchrun process."""
     if path is None:
-        path, settings = DEFAULT_TEACHER, TeacherSettings(seed=seed)
+        path, settings = DEFAULT_TEACHER, TeacherSettings()
         if rank == 0:
             copy_shipped(settings)
         distributed.barrier()
@@ -302,20 +302,35 @@ def get_or_train(path, seed, device, rank=0, world=1):
 
 # The shipped teacher: the EMA weights of TeacherSettings' defaults, trained by this code on a 2-core CPU,
 # as classifiers/ holds the filter and the judge, so that a first run starts where the paper does, from a
-# pretrained model. Its name is a hash of the settings: a changed recipe does not find it, and trains anew.
+# pretrained model; beside it, its weak_step checkpoint (autoguidance's weak model). Its name is a hash of
+# the settings: a changed recipe does not find it, and trains anew.
+SLIM = ("kind", "format", "config", "data", "ema", "step", "losses")  # what sampling needs, and the losses
+
 
 def shipped_path(s):
     key = hashlib.sha256(json.dumps(dataclasses.asdict(s), sort_keys=True).encode()).hexdigest()[:8]
     return os.path.join(SHIPPED, f"teacher-{s.dataset}-{s.model}-seed{s.seed}-{key}.pt")
 
 
+def shipped_weak_path(s):
+    return shipped_path(s).replace(".pt", f"-step{s.weak_step}.pt")
+
+
 def copy_shipped(s):
-    """Copy the shipped teacher of settings s to DEFAULT_TEACHER if there is none there yet."""
-    if os.path.isfile(DEFAULT_TEACHER) or not os.path.isfile(shipped_path(s)):
+    """Copy the shipped teacher of settings s (and its weak model) to DEFAULT_TEACHER if there is no teacher
+    there yet. A copy of another recipe's shipped teacher is refused in one line, not used."""
+    if os.path.isfile(DEFAULT_TEACHER):
+        ckpt = load_checkpoint(DEFAULT_TEACHER, "teacher")
+        if "opt" not in ckpt and ckpt["args"] != dataclasses.asdict(s):
+            raise BadInput(f"{DEFAULT_TEACHER} is a copy of the shipped teacher of other settings than today's "
+                           f"TeacherSettings; delete {os.path.dirname(DEFAULT_TEACHER)} to copy today's")
         return
-    ckpt = load_checkpoint(shipped_path(s), "teacher", flag="shipped teacher")
-    make_out_dir(os.path.dirname(DEFAULT_TEACHER))
-    save_atomic(ckpt, DEFAULT_TEACHER)
+    if not os.path.isfile(shipped_path(s)):
+        return
+    os.makedirs(os.path.dirname(DEFAULT_TEACHER), exist_ok=True)  # not locked: a copy is written whole or not
+    for src, dst in ((shipped_weak_path(s), weak_path(DEFAULT_TEACHER, s.weak_step)),
+                     (shipped_path(s), DEFAULT_TEACHER)):  # the teacher last: its presence means both are there
+        save_atomic(load_checkpoint(src, "teacher", flag="shipped teacher"), dst)
     print(f"the default teacher: the shipped one ({os.path.relpath(shipped_path(s))}), copied to "
           f"{DEFAULT_TEACHER}; python train_teacher.py trains one anew")
 
@@ -327,35 +342,36 @@ def default_teacher():
 
 
 def ship(path, s):
-    """Write the shipped copy of the teacher at `path`, trained with settings s: its EMA weights and what
-    describes them (no optimiser: a shipped teacher samples, it does not resume)."""
+    """Write the shipped copy of the teacher at `path`, trained with settings s, and of its weak model: the
+    EMA weights and what describes them (no optimiser: a shipped teacher samples, it does not resume)."""
     ckpt = load_checkpoint(path, "teacher")
-    trained = {k: ckpt["args"][k] for k in dataclasses.asdict(s)}
-    trained["data_dir"] = data.portable_dir(trained["data_dir"])
+    trained = {k: ckpt["args"].get(k) for k in dataclasses.asdict(s)}
+    trained["data_dir"] = data.portable_dir(trained["data_dir"] or "")
     if trained != {**dataclasses.asdict(s), "data_dir": data.portable_dir(s.data_dir)} or ckpt["step"] != s.steps:
         raise BadInput(f"{path} was not trained with today's default settings {dataclasses.asdict(s)}")
-    slim = {k: ckpt[k] for k in ("kind", "format", "config", "data", "ema", "step", "losses")}
-    save_atomic({**slim, "args": dataclasses.asdict(s)}, shipped_path(s))
+    weak = load_checkpoint(weak_path(path, s.weak_step), "teacher")
+    for c, dst in ((weak, shipped_weak_path(s)), (ckpt, shipped_path(s))):
+        save_atomic({**{k: c[k] for k in SLIM}, "args": dataclasses.asdict(s)}, dst)
     return shipped_path(s)
 
 
 def check_shipped(device, out="runs/check-teacher"):
-    """Train the default teacher anew into `out` and compare its EMA weights with the shipped copy; where no
-    copy has today's name, write one to commit. Exit status 1 if they differ: on the CPU that made it, the
-    code changed; on another CPU or thread count, its last bits may differ."""
+    """Train the default teacher anew into `out` (emptied first: always today's code) and compare its EMA
+    weights with the shipped copy; where no copy has today's name, write one to commit. Exit status 1 if
+    they differ: on the CPU and thread count that made it, the code changed; elsewhere the last bits may."""
     s = TeacherSettings()
+    shutil.rmtree(out, ignore_errors=True)
     make_out_dir(out)
+    fit(s, out, device)
     path = os.path.join(out, "ckpt.pt")
-    done = os.path.isfile(path) and load_checkpoint(path, "teacher")["step"] >= s.steps
-    if not done:
-        fit(s, out, device, resume=os.path.isfile(path))
     if not os.path.isfile(shipped_path(s)):
-        print(f"no shipped teacher under today's name; wrote {ship(path, s)}: commit it, and remove the one it "
-              "replaces")
+        print(f"no shipped teacher under today's name; wrote {ship(path, s)} and its weak model: commit both, and "
+              "remove the ones they replace")
         return
     mine, theirs = load_checkpoint(path, "teacher")["ema"], load_checkpoint(shipped_path(s), "teacher")["ema"]
     diff = max((mine[k].float() - v.float()).abs().max().item() for k, v in theirs.items())
-    print(f"retrained here: largest EMA weight difference from {os.path.relpath(shipped_path(s))} {diff:.3g}"
-          + (" (identical)" if diff == 0 else ""))
+    print(f"retrained here on {torch.get_num_threads()} thread(s): largest EMA weight difference from "
+          f"{os.path.relpath(shipped_path(s))} {diff:.3g}" + (" (identical)" if diff == 0 else ""))
     if diff > 0:
-        sys.exit("the shipped teacher differs from the one this code trains here")
+        sys.exit("the shipped teacher differs from the one trained here (it was made on one thread: run "
+                 "OMP_NUM_THREADS=1 python train_teacher.py --check-shipped to compare like with like)")

@@ -1,9 +1,11 @@
 """Train the NoiseRefine refiner g_phi with the MSD loss, then compare regimes on held-out noises.
 
-    python train_refiner.py        # the whole job on the embedded set: teacher, pairs, refiner, table
+    python train_refiner.py        # the whole job on the embedded set: pairs, refiner, table
+    python train_refiner.py --quick    # a quick look: fewer pairs, a shorter refiner, 200 noises
     torchrun --standalone --nproc_per_node=4 train_refiner.py --device cuda ...  # pairs made by 4 GPUs
 
-1. Teacher: --teacher CKPT, or (default) runs/teacher/ckpt.pt, trained first if it is not there (teacher.py).
+1. Teacher: --teacher CKPT, or (default) runs/teacher/ckpt.pt: the shipped teacher's copy (teachers/), or
+   trained first where none ships for today's settings (teacher.py).
 2. Guided pairs (x_T, c, x0_guide): N' guided DDIM steps from Gaussian x_T, a guidance scale drawn per pair
    from --w-range; the guidance is --guidance: CFG (the default), CFG + PAG, autoguidance (the teacher
    guided by its own early checkpoint) or CFG on a noise-level interval; cached in shards next to the
@@ -42,7 +44,7 @@ def build_parser():
     t, s = Training(), pairs.PairSettings()  # the defaults, in one place
     p = cli.Parser(__doc__)
     p.add_argument("--teacher", type=cli.checkpoint_file, default=None, help="teacher checkpoint (default: "
-                   f"{teachers.DEFAULT_TEACHER}, trained with train_teacher.py's defaults if missing)")
+                   f"{teachers.DEFAULT_TEACHER}: a copy of the shipped teacher, or trained with train_teacher.py's defaults)")
     p.add_argument("--pairs", type=cli.integer(1, 10 ** 8), default=s.count, help="guided pairs to generate "
                    "(before filtering)")
     p.add_argument("--pairs-dir", type=cli.folder, default=None, help="pair cache (default: next to the teacher, "
@@ -83,11 +85,13 @@ def build_parser():
                    "(precision and recall need a few per class)")
     p.add_argument("--eval-steps", type=cli.STEPS_1000, default=STEPS, help="DDIM steps of the final table")
     p.add_argument("--fid", action="store_true", help="also Inception FID against the training set, and of the "
-                   "refined samples against the CFG samples (needs pytorch-fid; fid.py)")
+                   "refined samples against the guided samples (needs pytorch-fid; fid.py)")
     p.add_argument("--bank", default="test", choices=noises.BANKS,
                    help="held-out noises of the final table: 'test' for reported results, 'dev' for choosing settings")
-    p.add_argument("--out", type=cli.folder, default="runs/refiner", help="output folder")
-    p.add_argument("--resume", action="store_true", help="continue from --out/ckpt.pt")
+    p.add_argument("--out", type=cli.folder, default="runs/refiner", help="output folder (a kept refiner there is "
+                   "not overwritten: --resume)")
+    p.add_argument("--resume", action="store_true", help="continue from --out/ckpt.pt; a finished refiner is only "
+                   "scored again")
     p.add_argument("--stop-at", type=cli.integer(1), default=None, help="stop after this step as if interrupted "
                    "(tests)")
     p.add_argument("--seed", type=cli.SEED, default=0, help="seeds the pairs, the refiner's batches and its LoRA")
@@ -191,7 +195,7 @@ def main(argv=None):
     start = time.perf_counter()
     fid = importlib.import_module("fid") if args.fid else None  # Inception's code only when asked for
     inception = fid.inception(device) if args.fid and rank == 0 else None  # a missing package fails here, not late
-    teacher, tckpt, teacher_path = teachers.get_or_train(args.teacher, args.seed, device, rank, world)
+    teacher, tckpt, teacher_path = teachers.get_or_train(args.teacher, device, rank, world)
     args.teacher = teacher_path
     teacher_fp = fingerprint(teacher)
     ds = tckpt["data"]

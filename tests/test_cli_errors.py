@@ -60,13 +60,13 @@ def make_bad_files(t):
                  "alpha": 0, "best": refiner.trainable_state()}, str(t / "other_refiner.pt"))
     assert fingerprint(teacher) != fingerprint(other)
     (t / "resume_t").mkdir()
-    save_atomic({"kind": "teacher", "format": FORMAT, "args": {"model": "unet-tiny", "dataset": "shapes"}},
-                str(t / "resume_t" / "ckpt.pt"))
+    save_atomic({"kind": "teacher", "format": FORMAT, "args": {"model": "unet-tiny", "dataset": "shapes"},
+                 "opt": {}}, str(t / "resume_t" / "ckpt.pt"))
     (t / "shipped_t").mkdir()
     save_atomic({"kind": "teacher", "format": FORMAT, "args": {"model": "unet-tiny", "dataset": "shapes"},
                  "ema": {}}, str(t / "shipped_t" / "ckpt.pt"))
     (t / "resume_r").mkdir()
-    save_atomic({"kind": "refiner", "format": FORMAT, "args": {"lora_rank": 0, "pairs": 10000}},
+    save_atomic({"kind": "refiner", "format": FORMAT, "args": {"lora_rank": 0, "pairs": 10000}, "opt": {}},
                 str(t / "resume_r" / "ckpt.pt"))
     return t
 
@@ -139,6 +139,7 @@ CASES = [
     (("train_teacher.py", "--out", "{t}/resume_t"), "--out {t}/resume_t already holds a teacher"),
     (("train_refiner.py", "--out", "{t}/resume_r"), "--out {t}/resume_r already holds a refiner"),
     (("train_teacher.py", "--resume", "--out", "{t}/shipped_t"), "holds sampling weights only (a shipped teacher)"),
+    (("train_teacher.py", "--out", "{t}/shipped_t"), "--out {t}/shipped_t holds a copy of the shipped teacher"),
 ]
 
 

@@ -9,10 +9,11 @@ import torch
 import data
 import noises
 import teacher
-from checkpoint import load_checkpoint, load_teacher
+from checkpoint import load_checkpoint, load_teacher, save_atomic
 from diffusion import sample_many
 from evaluate import load_judge
 from models import model_config
+from safety import BadInput
 
 SETTINGS = teacher.TeacherSettings()
 
@@ -32,7 +33,10 @@ def test_the_shipped_teacher_is_the_one_todays_recipe_and_code_name(shipped):
     assert ckpt["config"] == model_config(SETTINGS.model, len(shapes.classes), shapes.images.shape[-1])
     assert ckpt["data"]["classes"] == shapes.classes
     assert set(ckpt) == {"kind", "format", "config", "data", "ema", "step", "losses", "args"}  # no optimiser
-    assert os.listdir(teacher.SHIPPED) == [os.path.basename(shipped)]  # the copy it replaced was removed
+    weak = load_checkpoint(teacher.shipped_weak_path(SETTINGS), "teacher")  # autoguidance's weak model
+    assert weak["step"] == SETTINGS.weak_step and weak["losses"] == ckpt["losses"][:SETTINGS.weak_step]
+    assert sorted(os.listdir(teacher.SHIPPED)) == sorted(os.path.basename(p) for p in (shipped, teacher.shipped_weak_path(
+        SETTINGS)))  # the copies they replaced were removed
 
 
 def test_the_shipped_teacher_draws_its_classes_and_cfg_draws_them_better(shipped):
@@ -48,7 +52,24 @@ def test_the_shipped_teacher_draws_its_classes_and_cfg_draws_them_better(shipped
 def test_a_run_with_no_teacher_given_copies_the_shipped_one_instead_of_training(shipped, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(teacher, "fit", lambda *a, **k: pytest.fail("trained a teacher"))
-    model, ckpt, path = teacher.get_or_train(None, SETTINGS.seed, "cpu")
+    monkeypatch.setattr(teacher, "rebuild_weak", lambda *a, **k: pytest.fail("retrained the weak model"))
+    model, ckpt, path = teacher.get_or_train(None, "cpu")
     assert path == teacher.DEFAULT_TEACHER and os.path.isfile(path)
     weights = load_checkpoint(shipped, "teacher")["ema"]
     assert all(torch.equal(v, weights[k]) for k, v in ckpt["ema"].items())
+    teacher.get_weak(path, "cpu")  # autoguidance finds the weak model copied beside it
+
+
+def test_a_teacher_already_in_runs_teacher_is_used_never_replaced(shipped, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("runs/teacher")
+    mine = {**load_checkpoint(shipped, "teacher"), "opt": {}}  # trained here: it has an optimiser state
+    mine["ema"] = {k: v + 1 for k, v in mine["ema"].items()}
+    save_atomic(mine, teacher.DEFAULT_TEACHER)
+    before = open(teacher.DEFAULT_TEACHER, "rb").read()
+    assert teacher.default_teacher() == teacher.DEFAULT_TEACHER
+    assert open(teacher.DEFAULT_TEACHER, "rb").read() == before
+    stale = {k: v for k, v in mine.items() if k != "opt"}  # a shipped copy of another recipe
+    save_atomic({**stale, "args": {**stale["args"], "steps": 1}}, teacher.DEFAULT_TEACHER)
+    with pytest.raises(BadInput, match="shipped teacher of other settings"):
+        teacher.default_teacher()
