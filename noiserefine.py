@@ -197,9 +197,9 @@ def prod_a(steps):
 @dataclasses.dataclass
 class Training:
     """The refiner's training settings (train_refiner.py's flags default to these)."""
-    steps: int = 600        # 800 gave the same table on the dev bank (docs/speed.md, "what bought what")
+    steps: int = 1500       # with lr: chosen on the dev bank across seven teachers (docs/teachers.md)
     batch_size: int = 32
-    lr: float = 3e-4
+    lr: float = 1e-3
     adam_eps: float = 1e-8  # must stay small next to sqrt(v): see `fit`
     msd_steps: int = 10     # N: unguided DDIM steps inside L_MSD
     val_every: int = 200
