@@ -10,7 +10,8 @@ Each teacher is `train_teacher.py` with the flags of TEACHERS; each refiner is `
 with the flags of RECIPES; a trained refiner is scored on the other bank by `train_refiner.py --resume`
 (no retraining). Everything lives in --out/<teacher>/ and is reused while its flags are unchanged. The
 table gives, per teacher: unguided, CFG at the middle and top of the pairs' w range, refined; the share of
-the unguided-to-CFG gap the refined noise closes (accuracy and FD_cls); refined minus CFG (middle) with
+the unguided-to-CFG gap the refined noise closes (accuracy and FD_cls; "-" where CFG is not at least 1 point
+or 0.5 better); refined minus CFG (middle) with
 its paired 95% interval; and the wall time of each stage. A teacher "reaches CFG" when the refined noise is
 within 1 point of CFG's class accuracy and no worse in FD_cls (point estimates; the intervals are printed).
 """
@@ -225,16 +226,16 @@ def summary(name, metrics, teacher_info, refiner_info):
     ung, cfg, top, ref = r["unguided"], r[guidance], r.get(f"{guidance}_top"), r["refined"]
     diff = metrics["differences"][f"refined - {guidance}"]
 
-    def closed(key, better):  # None where CFG is no better than unguided sampling: no gap to close
+    def closed(key, better, least):  # None where CFG is not `least` better than unguided: no gap to close
         gap = cfg[key] - ung[key]
-        return (ref[key] - ung[key]) / gap if gap * better > 0 else None
+        return (ref[key] - ung[key]) / gap if gap * better > least else None
     reaches = diff["class_acc"][0] >= -0.01 - 1e-9 and diff["fd_cls"][0] <= 0  # 1e-9: float32 accuracies
     return {"teacher": name, "flags": teacher_info.get("flags"), "w_cfg": cfg["w"], "w_top": top["w"] if top else None,
             "class_acc": {k: v["class_acc"] for k, v in (("unguided", ung), ("cfg", cfg), ("cfg_top", top),
                                                          ("refined", ref)) if v},
             "fd_cls": {k: v["fd_cls"] for k, v in (("unguided", ung), ("cfg", cfg), ("cfg_top", top),
                                                    ("refined", ref)) if v},
-            "gap_closed_acc": closed("class_acc", +1), "gap_closed_fd": closed("fd_cls", -1),
+            "gap_closed_acc": closed("class_acc", +1, 0.01), "gap_closed_fd": closed("fd_cls", -1, 0.5),
             "refined_minus_cfg": diff, "reaches_cfg": reaches,
             "teacher_seconds": teacher_info.get("seconds"),
             "refiner_seconds": refiner_info.get(f"seconds_{refiner_info.get('trained_on')}"),
