@@ -122,7 +122,7 @@ def main(argv=None):
             blanked += [f"{rel}: {n}" for n in done]
         else:
             shutil.copy2(os.path.join(ROOT, rel), dest)
-    print(f"wrote a student copy of {len(files)} files to {out}; {len(blanked)} exercises:")
+    print(f"wrote a student copy of {len(files)} files to {out}; {len(blanked)} functions blanked (EXERCISES.md, exercises 1-6):")
     for line in blanked:
         print(f"  {line}")
 

@@ -69,8 +69,8 @@ def build_parser():
                    help="share of kept pairs held out for validation")
     p.add_argument("--msd-steps", type=cli.STEPS_1000, default=t.msd_steps, help="N: unguided DDIM steps inside "
                    "the MSD loss")
-    p.add_argument("--lora-rank", type=cli.integer(0, 4096), default=0, help="LoRA rank (the paper's choice; try 8 "
-                   "with --lr 1e-3); 0 fine-tunes the whole copy, which did better on the 0.67M-parameter default "
+    p.add_argument("--lora-rank", type=cli.integer(0, 4096), default=0, help="LoRA rank (the paper's choice; 8 was "
+                   "measured, docs/teacher.md); 0 fine-tunes the whole copy, which did better on the 0.67M-parameter default "
                    "teacher")
     p.add_argument("--lora-alpha", type=cli.number(0, 1e6, lo_open=True), default=None, help="LoRA alpha "
                    "(default: the rank)")
