@@ -1,5 +1,5 @@
-"""What the scripts share on the command line: one-line errors, the output folder, device and seed, one
-table printer, and the defaults that several scripts show (so each is typed once)."""
+"""What the scripts share on the command line: one-line errors, the output folder, device and seed,
+one table printer, and the defaults that several scripts show (so each is typed once)."""
 import argparse
 import functools
 import math
@@ -16,8 +16,8 @@ from safety import BadInput, Interrupted, lock_folder
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help keeps the docstring's lines (its usage examples) and shows every flag's default, unless its
-    help already says what the default means."""
+    """--help keeps the docstring's lines (its usage examples) and shows every flag's default,
+    unless its help already says what the default means."""
 
     def _get_help_string(self, action):
         if "default:" in (action.help or ""):
@@ -30,7 +30,8 @@ class Parser(argparse.ArgumentParser):
     ('error: argument --lr: expected a number > 0, got -1'), exit 2, before any work starts."""
 
     def __init__(self, description):
-        # no abbreviations: '--msd 5' must not pass as --msd-steps unseen by given_flags (and --resume)
+        # no abbreviations: '--msd 5' must not pass as --msd-steps unseen by given_flags (and
+        # --resume)
         super().__init__(description=description, formatter_class=HelpFormatter, allow_abbrev=False)
 
     def error(self, message):
@@ -38,7 +39,8 @@ class Parser(argparse.ArgumentParser):
 
 
 # ----------------------------------------------------------------------------------------------
-# Flag types: each checks its value at parse time and names its domain (tests/test_flags.py fuzzes them)
+# Flag types: each checks its value at parse time and names its domain (tests/test_flags.py fuzzes
+# them)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -77,7 +79,8 @@ def number(lo, hi, lo_open=False, hi_open=False):
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        inside = (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi)
+        inside = ((lo < value if lo_open else lo <= value)
+                  and (value < hi if hi_open else value <= hi))
         if not math.isfinite(value) or not inside:
             raise argparse.ArgumentTypeError(f"expected {domain}, got {text}")
         return value
@@ -97,8 +100,9 @@ def checkpoint_file(text):
     except OSError as e:
         raise argparse.ArgumentTypeError(f"{text!r}: cannot read it ({e.strerror})") from None
     if magic != b"PK\x03\x04":
-        raise argparse.ArgumentTypeError(f"{text!r} is {'empty' if not magic else 'not a checkpoint'} (a checkpoint "
-                                         "is a zip archive written by torch.save)")
+        raise argparse.ArgumentTypeError(f"{text!r} is "
+                                         f"{'empty' if not magic else 'not a checkpoint'} "
+                                         "(a checkpoint is a zip archive written by torch.save)")
     return text
 
 
@@ -138,9 +142,11 @@ def device(text):
     if kind not in ("auto", "cpu", "cuda") or (index and (kind != "cuda" or not index.isdigit())):
         raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
     if kind == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine (use --device cpu)")
+        raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine (use "
+                                         "--device cpu)")
     if index and int(index) >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA devices")
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} "
+                                         "CUDA devices")
     return text
 
 
@@ -168,8 +174,8 @@ def close_progress_bars():
 
 
 def entry_point(main):
-    """Decorate a script's main: bad input raised anywhere below (safety.BadInput) ends in one line, exit 2;
-    Ctrl-C in one line saying what was kept, exit 130 (the shell's code for SIGINT)."""
+    """Decorate a script's main: bad input raised anywhere below (safety.BadInput) ends in one line,
+    exit 2; Ctrl-C in one line saying what was kept, exit 130 (the shell's code for SIGINT)."""
     @functools.wraps(main)
     def run(*args, **kwargs):
         try:
@@ -179,8 +185,9 @@ def entry_point(main):
             die(str(e))
         except (Interrupted, KeyboardInterrupt) as e:
             close_progress_bars()
-            print(f"interrupted {e}" if isinstance(e, Interrupted) else "interrupted (Ctrl-C); the files written "
-                  "whole are kept, and running again continues from them", file=sys.stderr)
+            print(f"interrupted {e}" if isinstance(e, Interrupted)
+                  else "interrupted (Ctrl-C); the files written whole are kept, and running again "
+                       "continues from them", file=sys.stderr)
             sys.exit(130)
     return run
 
@@ -189,26 +196,30 @@ def given_flags(parser, argv):
     """The dests of the flags written on the command line (not left at their defaults)."""
     argv = sys.argv[1:] if argv is None else argv
     return {a.dest for a in parser._actions
-            if any(arg == opt or arg.startswith(opt + "=") for opt in a.option_strings for arg in argv)}
+            if any(arg == opt or arg.startswith(opt + "=") for opt in a.option_strings
+                   for arg in argv)}
 
 
 def resume_flags(args, given, path, kind, keys, changeable=()):
-    """--resume continues the run in `path`, so the flags in `keys` (those that shape the model or its data)
-    are the checkpoint's: one written on the command line with another value is refused in one line, one
-    left at its default is taken from the checkpoint, and said. Flags in `changeable` (say, the number of
-    steps) are the checkpoint's too unless written on the command line."""
-    from checkpoint import load_checkpoint  # checkpoint.py knows the models, which cli.py otherwise need not
+    """--resume continues the run in `path`, so the flags in `keys` (those that shape the model or
+    its data) are the checkpoint's: one written on the command line with another value is refused in
+    one line, one left at its default is taken from the checkpoint, and said. Flags in `changeable`
+    (say, the number of steps) are the checkpoint's too unless written on the command line."""
+    # checkpoint.py knows the models, which cli.py otherwise need not
+    from checkpoint import load_checkpoint
     if not os.path.isfile(path):
         die(f"--resume: no checkpoint at {path} (--out {args.out})")
     stored = load_checkpoint(path, kind, "--resume").get("args") or {}
     taken = []
     for key in (*keys, *changeable):
-        if key not in stored or stored[key] == getattr(args, key) or key in changeable and key in given:
+        if (key not in stored or stored[key] == getattr(args, key)
+                or key in changeable and key in given):
             continue
         flag = "--" + key.replace("_", "-")
         if key in given:
-            die(f"--resume: {path} was trained with {flag} {stored[key]}, not {getattr(args, key)}; leave {flag} "
-                "out to continue it, or choose another --out for a new run")
+            die(f"--resume: {path} was trained with {flag} {stored[key]}, not "
+                f"{getattr(args, key)}; leave {flag} out to continue it, or choose another --out "
+                "for a new run")
         setattr(args, key, stored[key])
         taken.append(f"{flag} {stored[key]}")
     if taken:
@@ -222,11 +233,12 @@ def refuse_overwrite(out, kind):
     if not os.path.isfile(path):
         return
     if "opt" not in load_checkpoint(path, kind, "--out"):
-        die(f"--out {out} holds a copy of the shipped {kind} ({path}); delete {out}, or choose another --out, to "
-            "train one anew")
-    again = "continues it (a finished one is only scored again)" if kind == "refiner" else "continues it"
-    die(f"--out {out} already holds a {kind} ({path}): --resume {again}; delete it, or choose another --out, to "
-        "train anew")
+        die(f"--out {out} holds a copy of the shipped {kind} ({path}); delete {out}, or choose "
+            "another --out, to train one anew")
+    again = ("continues it (a finished one is only scored again)" if kind == "refiner"
+             else "continues it")
+    die(f"--out {out} already holds a {kind} ({path}): --resume {again}; delete it, or choose "
+        "another --out, to train anew")
 
 
 def make_out_dir(path):
@@ -239,8 +251,9 @@ def make_out_dir(path):
 
 
 def resolve_device(name):
-    """--device as torch names it. On CUDA, every script lets fp32 matmuls use TF32 (what bf16 autocast
-    leaves in fp32), so a number does not depend on which script, or which step of one, ran first."""
+    """--device as torch names it. On CUDA, every script lets fp32 matmuls use TF32 (what bf16
+    autocast leaves in fp32), so a number does not depend on which script, or which step of one, ran
+    first."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
@@ -251,14 +264,14 @@ def resolve_device(name):
 
 
 def warn_if_cpu_busy(device):
-    """One line when other work keeps the CPU busy: two torch jobs on the same cores each run many times
-    slower (their threads wait for each other), unless each is given OMP_NUM_THREADS=1."""
+    """One line when other work keeps the CPU busy: two torch jobs on the same cores each run many
+    times slower (their threads wait for each other), unless each is given OMP_NUM_THREADS=1."""
     if device != "cpu" or torch.get_num_threads() == 1 or not hasattr(os, "getloadavg"):
         return
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     if load > cores - 0.5:
-        print(f"note: the CPU is busy (load {load:.1f} on {cores} cores); beside another torch job this one runs "
-              "many times slower: wait for it, or run each with OMP_NUM_THREADS=1")
+        print(f"note: the CPU is busy (load {load:.1f} on {cores} cores); beside another torch job "
+              "this one runs many times slower: wait for it, or run each with OMP_NUM_THREADS=1")
 
 
 def seed_everything(seed):
@@ -268,9 +281,10 @@ def seed_everything(seed):
 
 
 def print_table(header, rows):
-    """Print rows of already formatted cells under a header: the first column left-aligned, the others
-    right-aligned, each as wide as its widest cell."""
+    """Print rows of already formatted cells under a header: the first column left-aligned, the
+    others right-aligned, each as wide as its widest cell."""
     cells = [[str(c) for c in header], *[[str(c) for c in r] for r in rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     for r in cells:
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                        for i, (c, w) in enumerate(zip(r, widths))))

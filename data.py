@@ -1,23 +1,18 @@
-"""Data sets: one function per source, all returning an ImageSet (uint8 images, int64 labels, class names).
+"""Data sets as an ImageSet (uint8 images, int64 labels, class names), and the sample grids.
 
 --dataset shapes      the embedded default: procedural coloured shapes, no download, deterministic
---dataset cifar10     cifar-10-python.tar.gz (or cifar-10-batches-py/) under --data-dir; --download fetches it
---dataset imagenet64  downsampled ImageNet 64x64 npz batches (train_data_batch_*.npz, val_data.npz)
---dataset folder      root/<class name>/*.png|jpg, resized to --image-size
+--dataset cifar10, imagenet64, folder: the real image sets (image_sets.py, read only when asked for)
 
 Images stay uint8 in memory (ImageNet-64 in float32 would be 60 GB); `ImageSet.batch` gives [-1, 1].
 """
-import glob
-import io
 import os
-import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 
-from safety import BadInput, NumpyOnlyUnpickler, fetch, read_from_tar, write_atomic
+from safety import BadInput, write_atomic
 
 DATASETS = ("shapes", "cifar10", "imagenet64", "folder")
 
@@ -46,49 +41,48 @@ def to_float(x):
     return x.float() / 127.5 - 1
 
 
-ROOT = os.path.dirname(os.path.abspath(__file__))  # the repository: where a relative data folder is stored from
+# the repository: where a relative data folder is stored from
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def portable_dir(path):
-    """--data-dir as a checkpoint stores it: relative to this repository when inside it, else absolute, so
-    that resolve_dir finds it again from any working directory (and after the repository moves)."""
+    """--data-dir as a checkpoint stores it: relative to this repository when inside it, else
+    absolute, so that resolve_dir finds it again from any working directory (and after the
+    repository moves)."""
     full = os.path.abspath(path)
     return os.path.relpath(full, ROOT) if full == ROOT or full.startswith(ROOT + os.sep) else full
 
 
 def resolve_dir(stored):
-    """A stored --data-dir as a path: relative ones from this repository, or, for checkpoints written before
-    portable_dir, from the working directory when only that one exists."""
-    if os.path.isabs(stored):
-        return stored
-    here = os.path.join(ROOT, stored)
-    return stored if not os.path.exists(here) and os.path.exists(stored) else here
+    """A stored --data-dir as a path: a relative one is relative to this repository."""
+    return stored if os.path.isabs(stored) else os.path.join(ROOT, stored)
 
 
 def load_dataset(name, data_dir="data", image_size=None, split="train", download=False):
-    """The `split` ('train' or 'test') of a data set; image_size=None takes the source's native size."""
+    """The `split` ('train' or 'test') of a data set; image_size=None takes the source's native
+    size."""
     if name == "shapes":
         return shapes(image_size or 16, split)
-    if name == "cifar10":
-        return cifar10(data_dir, split, download, image_size)
-    if name == "imagenet64":
-        return imagenet64(data_dir, split, image_size)
-    if name == "folder":
-        return image_folder(data_dir, image_size or 32, split)
-    raise BadInput(f"--dataset {name!r} is not one of {', '.join(DATASETS)}")
+    if name not in DATASETS:
+        raise BadInput(f"--dataset {name!r} is not one of {', '.join(DATASETS)}")
+    import image_sets  # the readers of real image sets: only when one is asked for
+    return ImageSet(*image_sets.read(name, data_dir, image_size, split, download))
 
 
 # ----------------------------------------------------------------------------------------------
 # The embedded default: procedural coloured shapes
 # ----------------------------------------------------------------------------------------------
 
-SHAPES = ["disk", "square", "triangle", "diamond", "plus", "cross", "ring", "frame", "two-dots", "stripes"]
+SHAPES = ["disk", "square", "triangle", "diamond", "plus", "cross", "ring", "frame", "two-dots",
+          "stripes"]
 SHAPES_SIZE = {"train": 20000, "test": 2000}
-SHAPES_SEED = {"train": 0, "test": 1}  # fixed: the data set, and the classifier cached on it, never change
+# fixed: the data set, and the classifier cached on it, never change
+SHAPES_SEED = {"train": 0, "test": 1}
 
 
 def shape_mask(k, u, v):
-    """Inside-mask of shape class k in unit coordinates (u right, v down; the shape fills about |u|,|v| <= 1)."""
+    """Inside-mask of shape class k in unit coordinates (u right, v down; the shape fills about
+    |u|,|v| <= 1)."""
     au, av, r = np.abs(u), np.abs(v), np.sqrt(u * u + v * v)
     box = np.maximum(au, av)
     if k == 0:
@@ -143,8 +137,9 @@ def shapes(image_size=16, split="train"):
 
 
 def two_contrasting_colours(rng, n):
-    """A bright foreground (any hue, brightest channel 0.7..1) on a dimmer background (any hue, channels
-    <= 0.6), brightness differing by at least 0.2: the shape stands out, but not always by much."""
+    """A bright foreground (any hue, brightest channel 0.7..1) on a dimmer background (any hue,
+    channels <= 0.6), brightness differing by at least 0.2: the shape stands out, but not always by
+    much."""
     fg = rng.uniform(0, 1, (n, 3))
     fg *= rng.uniform(0.7, 1, (n, 1)) / fg.max(axis=1, keepdims=True)
     bg = rng.uniform(0, 0.6, (n, 3))
@@ -158,154 +153,25 @@ def two_contrasting_colours(rng, n):
 
 
 # ----------------------------------------------------------------------------------------------
-# CIFAR-10 (the python archive)
-# ----------------------------------------------------------------------------------------------
-
-CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
-CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-
-def read_cifar_batch(raw, where):
-    try:
-        d = NumpyOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
-        images = np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32)
-        labels = np.asarray(d[b"labels"], np.int64)
-    except Exception as e:
-        raise BadInput(f"{where}: not a CIFAR-10 python batch ({type(e).__name__}: {e})") from None
-    return images, labels
-
-
-def cifar10(data_dir, split="train", download=False, image_size=None):
-    if image_size not in (None, 32):
-        raise BadInput(f"--image-size {image_size}: CIFAR-10 images are 32x32")
-    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-    folder = os.path.join(data_dir, "cifar-10-batches-py")
-    archive = os.path.join(data_dir, "cifar-10-python.tar.gz")
-    if os.path.isdir(folder):
-        raws = []
-        for path in (os.path.join(folder, n) for n in names):
-            if not os.path.isfile(path):
-                raise BadInput(f"--data-dir {data_dir}: {path} is missing")
-            raws.append((open(path, "rb").read(), path))
-    else:
-        if not os.path.isfile(archive):
-            if not download:
-                raise BadInput(f"--data-dir {data_dir}: no cifar-10-python.tar.gz or cifar-10-batches-py/ "
-                                f"there; put the archive from {CIFAR_URL} there, or add --download")
-            fetch(CIFAR_URL, archive, CIFAR_MD5)
-        raws = read_from_tar(archive, [f"cifar-10-batches-py/{n}" for n in names], "CIFAR-10 python archive")
-    parts = [read_cifar_batch(raw, where) for raw, where in raws]
-    images = torch.from_numpy(np.concatenate([p[0] for p in parts]))
-    labels = torch.from_numpy(np.concatenate([p[1] for p in parts]))
-    return ImageSet(images, labels, list(CIFAR_CLASSES))
-
-
-# ----------------------------------------------------------------------------------------------
-# ImageNet 64x64 (downsampled ImageNet, npz batches)
-# ----------------------------------------------------------------------------------------------
-
-
-def imagenet64(data_dir, split="train", image_size=None):
-    if image_size not in (None, 64):
-        raise BadInput(f"--image-size {image_size}: ImageNet-64 images are 64x64")
-    pattern = "train_data_batch_*.npz" if split == "train" else "val_data.npz"
-    files = sorted(glob.glob(os.path.join(data_dir, pattern)))
-    if not files:
-        raise BadInput(f"--data-dir {data_dir}: no {pattern} there (downsampled ImageNet 64x64 npz batches)")
-    images, labels = [], []
-    for f in files:
-        try:
-            with np.load(f, allow_pickle=False) as z:
-                data, lab = z["data"], z["labels"]
-        except Exception as e:
-            raise BadInput(f"{f}: not an ImageNet-64 npz with keys 'data' and 'labels' "
-                            f"({type(e).__name__}: {e})") from None
-        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 64 * 64 or len(lab) != len(data):
-            raise BadInput(f"{f}: expected 'data' uint8 (N, 12288) and N 'labels', got {data.dtype} {data.shape}")
-        images.append(data.reshape(-1, 3, 64, 64))
-        labels.append(np.asarray(lab, np.int64) - 1)  # labels are 1..1000 in the files
-    labels = np.concatenate(labels)
-    if labels.min() < 0 or labels.max() > 999:
-        raise BadInput(f"--data-dir {data_dir}: ImageNet-64 labels must lie in 1..1000")
-    return ImageSet(torch.from_numpy(np.concatenate(images)), torch.from_numpy(labels),
-                    [f"class{i:03d}" for i in range(1000)])
-
-
-# ----------------------------------------------------------------------------------------------
-# Any image folder: root/<class name>/*.png|jpg
-# ----------------------------------------------------------------------------------------------
-
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-
-
-def hidden(name):
-    """What a notebook or an unzipped archive leaves beside the classes (.ipynb_checkpoints, __MACOSX, ._x.png)."""
-    return name.startswith(".") or name == "__MACOSX"
-
-
-def image_folder(root, image_size=32, split="train"):
-    """Every 10th image of each class (in sorted order) is held out as the test split.
-    An unreadable file is skipped with a warning, so one bad file does not stop a long run."""
-    if not os.path.isdir(root):
-        raise BadInput(f"--data-dir {root}: not a folder")
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not hidden(d))
-    files = {c: sorted(f for f in os.listdir(os.path.join(root, c)) if f.lower().endswith(IMAGE_EXTS)
-                       and not hidden(f)) for c in classes}
-    classes = [c for c in classes if files[c]]
-    if len(classes) < 2:
-        raise BadInput(f"--data-dir {root}: need at least 2 class folders with images "
-                        f"(root/<class>/*.png|jpg), found {len(classes)}")
-    images, labels = [], []
-    for k, c in enumerate(classes):
-        for i, f in enumerate(files[c]):
-            if (i % 10 == 9) != (split == "test"):
-                continue
-            img = read_image(os.path.join(root, c, f), image_size)
-            if img is not None:
-                images.append(img)
-                labels.append(k)
-    if not images:
-        raise BadInput(f"--data-dir {root}: no readable images in the {split} split")
-    return ImageSet(torch.from_numpy(np.stack(images)), torch.tensor(labels), classes)
-
-
-def eight_bit(im):
-    """16- and 32-bit grey images as 8 bits: Pillow's convert('RGB') would clip them (65535 -> 255)."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        top = 65535 if im.mode.startswith("I;16") or np.asarray(im).max() > 255 else 255
-        return Image.fromarray((np.asarray(im, np.float64) * 255 / top).round().clip(0, 255).astype(np.uint8))
-    return im
-
-
-def read_image(path, size):
-    try:
-        with Image.open(path) as im:
-            im = eight_bit(im).convert("RGB").resize((size, size), Image.BICUBIC)
-            return np.asarray(im).transpose(2, 0, 1).copy()
-    except Exception as e:
-        print(f"warning: skipping unreadable image {path} ({type(e).__name__})", file=sys.stderr)
-        return None
-
-
-# ----------------------------------------------------------------------------------------------
 # Writing images
 # ----------------------------------------------------------------------------------------------
 
 
 def save_grid(images, nrow, path, scale=4, pad=1, header=(), row_names=()):
     """Write (N, 3, H, W) images in [-1, 1] as one PNG, nrow images per row, upscaled `scale` times.
-    header: (title, columns) pairs, written left to right above the grid, each over its columns; row_names:
-    a name per row (the class), written left of it."""
+    header: (title, columns) pairs, written left to right above the grid, each over its columns;
+    row_names: a name per row (the class), written left of it."""
     x = to_uint8(images).numpy()
     N, C, H, W = x.shape
     rows = -(-N // nrow)
     canvas = np.full((rows * (H + pad) + pad, nrow * (W + pad) + pad, 3), 255, np.uint8)
     for i in range(N):
         r, c = divmod(i, nrow)
-        canvas[pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = \
+        canvas[pad + r * (H + pad):pad + r * (H + pad) + H,
+               pad + c * (W + pad):pad + c * (W + pad) + W] = \
             x[i].transpose(1, 2, 0)
-    img = Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST)
+    img = Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale),
+                                         Image.NEAREST)
     if row_names:
         img = with_row_names(img, row_names, (H + pad) * scale, pad * scale)
     if header:
@@ -328,7 +194,8 @@ def with_row_names(img, names, row_height, top):
 
 
 def with_header(img, header, column_width, left):
-    """The image under a white strip with each title centred over its columns (Pillow's built-in font)."""
+    """The image under a white strip with each title centred over its columns (Pillow's built-in
+    font)."""
     from PIL import ImageDraw
     strip = 14
     out = Image.new("RGB", (img.width, img.height + strip), "white")

@@ -12,8 +12,8 @@ from tqdm import tqdm
 
 T = 1000  # training timesteps; the refiner's input timestep is T - 1 = 999
 STEPS = 20  # sampling steps of the guided targets (the paper's N') and of every table and picture
-BATCH = 125  # sampling batch: CFG's doubled forward (250) costs a 2-core CPU 12% less per image than at 500,
-# and the images are bit for bit the same (docs/speed.md); a GPU user may pass more
+BATCH = 125  # sampling batch (CFG's doubled forward: 250): the images do not depend on it, only
+# the speed does (docs/speed.md); a GPU user may pass more
 
 # ----------------------------------------------------------------------------------------------
 # Schedule (DDPM, linear betas)
@@ -34,15 +34,17 @@ def q_sample(x0, t, eps):
     return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
 
 
-def training_loss(model, x0, y, null_class, cond_drop=0.1, generator=None, part=slice(None), min_snr=0.0):
-    """Eps-prediction loss with condition dropout: a label becomes the null class with prob. cond_drop,
-    so that the same network also gives eps_u for CFG. min_snr = gamma > 0 weights each sample by
-    min(SNR_t, gamma) / SNR_t, SNR_t = abar_t / (1 - abar_t) (Min-SNR, Hang et al. 2023, arXiv 2303.09556,
-    for eps-prediction): the low-noise steps, whose eps is easy and whose gradients conflict with the
-    rest, count less.
+def training_loss(model, x0, y, null_class, cond_drop=0.1, generator=None, part=slice(None),
+                  min_snr=0.0):
+    """Eps-prediction loss with condition dropout: a label becomes the null class with prob.
+    cond_drop, so that the same network also gives eps_u for CFG. min_snr = gamma > 0 weights each
+    sample by min(SNR_t, gamma) / SNR_t, SNR_t = abar_t / (1 - abar_t) (Min-SNR, Hang et al. 2023,
+    arXiv 2303.09556, for eps-prediction): the low-noise steps, whose eps is easy and whose
+    gradients conflict with the rest, count less.
 
-    t, eps and the dropout are drawn for the whole batch, and only the rows `part` are computed: each of
-    K processes takes its K-th of one global batch and together they compute what one process would."""
+    t, eps and the dropout are drawn for the whole batch, and only the rows `part` are computed:
+    each of K processes takes its K-th of one global batch and together they compute what one
+    process would."""
     B, dev = x0.shape[0], generator.device if generator is not None else x0.device
     t = torch.randint(0, T, (B,), generator=generator, device=dev)[part].to(x0.device)
     eps = torch.randn(x0.shape, generator=generator, device=dev)[part].to(x0.device)
@@ -61,7 +63,8 @@ def training_loss(model, x0, y, null_class, cond_drop=0.1, generator=None, part=
 # ----------------------------------------------------------------------------------------------
 
 def ddim_timesteps(steps):
-    """Trailing spacing: 999, 999 - T/N, ..., T/N - 1, so the first step sees the refiner's t = 999."""
+    """Trailing spacing: 999, 999 - T/N, ..., T/N - 1, so the first step sees the refiner's
+    t = 999."""
     if not 1 <= steps <= T:
         raise ValueError(f"steps must be in 1..{T}, got {steps}")
     return [int(round(T - i * T / steps)) - 1 for i in range(steps)]
@@ -95,8 +98,9 @@ def ddim_unstep(x_prev, eps, a_t, b_t):
 
 @torch.no_grad()
 def ddim_invert(model, x0, y, steps):
-    """Run eq. (1) backwards without guidance: x_t = (x_{t-1} - b_t eps) / a_t, with eps the model's output
-    at x_{t-1} given the timestep t (the usual approximation: the exact eps at x_t is unknown before x_t is)."""
+    """Run eq. (1) backwards without guidance: x_t = (x_{t-1} - b_t eps) / a_t, with eps the model's
+    output at x_{t-1} given the timestep t (the usual approximation: the exact eps at x_t is unknown
+    before x_t is)."""
     ts = ddim_timesteps(steps)
     x = x0
     for t, t_prev in reversed(list(zip(ts, ts[1:] + [-1]))):
@@ -122,20 +126,23 @@ def timestep_batch(t, x):
 def guided_eps(model, x, t, y, w=0.0, pag=0.0):
     """eps_c + w (eps_c - eps_u) + pag (eps_c - eps_perturbed).
 
-    t: int, or a (B,) tensor of per-sample timesteps; w: float, or a (B,) tensor of per-sample scales.
-    w = 0 and pag = 0 run one conditional forward; otherwise conditional and unconditional share one
-    batched forward (batch 2B).
+    t: int, or a (B,) tensor of per-sample timesteps; w: float, or a (B,) tensor of per-sample
+    scales. w = 0 and pag = 0 run one conditional forward; otherwise conditional and unconditional
+    share one batched forward (batch 2B).
     """
     # BEGIN SOLUTION
     tt = t if torch.is_tensor(t) else timestep_batch(t, x)  # one t for the batch, or one per sample
     guided = torch.is_tensor(w) or w != 0
     if not guided and pag == 0:
-        return model(x, tt, y).to(x.dtype)  # bf16 under autocast: the sampler still sums in x's fp32
+        # bf16 under autocast: the sampler still sums in x's fp32
+        return model(x, tt, y).to(x.dtype)
     if guided:
         null = torch.full_like(y, model.num_classes)
-        eps_c, eps_u = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, null])).to(x.dtype).chunk(2)
+        eps_c, eps_u = model(torch.cat([x, x]), torch.cat([tt, tt]),
+                             torch.cat([y, null])).to(x.dtype).chunk(2)
         w = w.view(-1, 1, 1, 1) if torch.is_tensor(w) else w
-        eps = eps_c + w * (eps_c - eps_u)  # in x's dtype; under bf16 autocast eps_c, eps_u were rounded already
+        # in x's dtype; under bf16 autocast eps_c, eps_u were rounded already
+        eps = eps_c + w * (eps_c - eps_u)
     else:
         eps_c = eps = model(x, tt, y).to(x.dtype)
     if pag != 0:  # perturbed-attention guidance: self-attention map replaced by the identity
@@ -145,17 +152,18 @@ def guided_eps(model, x, t, y, w=0.0, pag=0.0):
 
 
 def sigma(t):
-    """The noise level of x_t in data units, sigma_t = sqrt((1 - abar_t) / abar_t): x_t / sqrt(abar_t) =
-    x0 + sigma_t eps (EDM's sigma; the guidance interval is stated in it)."""
+    """The noise level of x_t in data units, sigma_t = sqrt((1 - abar_t) / abar_t):
+    x_t / sqrt(abar_t) = x0 + sigma_t eps (EDM's sigma; the guidance interval is stated in it)."""
     ab = abar(t)
     return math.sqrt((1 - ab) / ab)
 
 
 def autoguided_eps(model, x, t, y, w=0.0, weak=None):
     """Autoguidance (Karras et al. 2024, arXiv 2406.02507), in this file's convention:
-    eps_good + w (eps_good - eps_weak), both conditional, where eps_weak comes from a weaker version of the
-    same model (here an early checkpoint of the teacher's training). It is the paper's
-    eps_weak + w' (eps_good - eps_weak) with w' = 1 + w, so w = 0 is no guidance here too (one forward)."""
+    eps_good + w (eps_good - eps_weak), both conditional, where eps_weak comes from a weaker version
+    of the same model (here an early checkpoint of the teacher's training). It is the paper's
+    eps_weak + w' (eps_good - eps_weak) with w' = 1 + w, so w = 0 is no guidance here too (one
+    forward)."""
     tt = t if torch.is_tensor(t) else timestep_batch(t, x)
     eps_good = model(x, tt, y).to(x.dtype)
     if not torch.is_tensor(w) and w == 0:
@@ -166,16 +174,17 @@ def autoguided_eps(model, x, t, y, w=0.0, weak=None):
 
 def interval_eps(model, x, t, y, w=0.0, pag=0.0, interval=(0.0, math.inf)):
     """Guidance interval (Kynkaanniemi et al. 2024, arXiv 2404.07724): guided_eps where
-    sigma_lo < sigma_t <= sigma_hi, the conditional eps alone (one forward) everywhere else. t: an int."""
+    sigma_lo < sigma_t <= sigma_hi, the conditional eps alone (one forward) everywhere else. t: an
+    int."""
     lo, hi = interval
     inside = lo < sigma(t) <= hi
     return guided_eps(model, x, t, y, w, pag) if inside else guided_eps(model, x, t, y)
 
 
 class Guidance:
-    """Which guided eps the samplers use, called like guided_eps: CFG (+ PAG) by default; 'autoguidance'
-    with its weak model; 'interval' with its (sigma_lo, sigma_hi]. w keeps one meaning in all three:
-    the weight of (eps_c - the other branch), 0 for none."""
+    """Which guided eps the samplers use, called like guided_eps: CFG (+ PAG) by default;
+    'autoguidance' with its weak model; 'interval' with its (sigma_lo, sigma_hi]. w keeps one
+    meaning in all three: the weight of (eps_c - the other branch), 0 for none."""
 
     def __init__(self, kind="cfg", weak=None, interval=None):
         if kind == "autoguidance" and weak is None:
@@ -200,11 +209,24 @@ class Guidance:
 
 CFG = Guidance()
 
+# The named guidances of train_refiner.py --guidance, with the scale range their pairs draw w from
+# and their PAG scale: the one table pairs.py, the scripts and ablate.py read (docs/guidance.md: how
+# chosen).
+GUIDANCES = {
+    "cfg": {"w_range": (2.0, 4.0), "pag": 0.0},      # the paper's
+    # the paper's PAG scale (CFG 3 + PAG 2, Pick-a-Pic)
+    "cfg+pag": {"w_range": (2.0, 4.0), "pag": 2.0},
+    "autoguidance": {"w_range": (1.0, 2.0), "pag": 0.0},
+    "interval": {"w_range": (2.0, 4.0), "pag": 0.0},
+}
+INTERVAL = (0.3, 5.0)  # (sigma_lo, sigma_hi] of "interval", chosen on the dev bank
+DISPLAY_W = sum(GUIDANCES["cfg"]["w_range"]) / 2  # the CFG scale every table and picture shows: 3
+
 
 # ----------------------------------------------------------------------------------------------
 # Sampling: one loop, three update rules on the same timesteps (DDIM is the paper's; the others are
-# for its Fig. 29, refined noise under other solvers). Each rule takes the current x_t, its eps and x0
-# prediction, and returns x at t_prev plus what it carries to the next step.
+# for its Fig. 29, refined noise under other solvers). Each rule takes the current x_t, its eps and
+# x0 prediction, and returns x at t_prev plus what it carries to the next step.
 # Notation: alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), lambda_t = log(alpha_t / sigma_t).
 # ----------------------------------------------------------------------------------------------
 
@@ -217,8 +239,8 @@ def ddim_update(x, eps, x0, t, t_prev, carry):
 def euler_update(x, eps, x0, t, t_prev, carry):
     """Euler on the probability-flow ODE in EDM's variables (Karras et al. 2022, arXiv 2206.00364):
     x_bar = x / alpha_t, s = sigma_t / alpha_t, d x_bar / d s = eps. One Euler step in s:
-    x_bar' = x_bar + (s' - s) eps. For an eps-prediction model this *is* DDIM (EDM, Sec. 3): the test
-    checks it; the analysis shows it."""
+    x_bar' = x_bar + (s' - s) eps. For an eps-prediction model this *is* DDIM (EDM, Sec. 3): the
+    test checks it; the analysis shows it."""
     ab, ab_prev = abar(t), abar(t_prev)
     s, s_prev = math.sqrt((1 - ab) / ab), math.sqrt((1 - ab_prev) / ab_prev)
     return math.sqrt(ab_prev) * (x / math.sqrt(ab) + (s_prev - s) * eps), None
@@ -226,8 +248,9 @@ def euler_update(x, eps, x0, t, t_prev, carry):
 
 def dpm2m_update(x, eps, x0, t, t_prev, carry):
     """DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095, Alg. 2), multistep in data prediction x0:
-    x' = (sigma' / sigma) x - alpha' (e^{-h} - 1) D, h = lambda' - lambda, with D = x0 on the first step and
-    D = (1 + 1/(2r)) x0 - 1/(2r) x0_prev (r = h_prev / h) after it. The last step (sigma' = 0) returns D = x0."""
+    x' = (sigma' / sigma) x - alpha' (e^{-h} - 1) D, h = lambda' - lambda, with D = x0 on the first
+    step and D = (1 + 1/(2r)) x0 - 1/(2r) x0_prev (r = h_prev / h) after it. The last step
+    (sigma' = 0) returns D = x0."""
     # BEGIN SOLUTION
     ab, ab_prev = abar(t), abar(t_prev)
     lam = 0.5 * math.log(ab / (1 - ab))
@@ -250,8 +273,9 @@ SAMPLERS = {"ddim": ddim_update, "euler": euler_update, "dpm2m": dpm2m_update}
 
 @torch.no_grad()
 def sample(model, x_T, y, steps=20, w=0.0, pag=0.0, return_x0=False, sampler="ddim", guidance=CFG):
-    """Sample from x_T with labels y on the trailing timesteps. With return_x0, also the predicted x0 of
-    every step. sampler: ddim (the paper's; eq. 1), euler or dpm2m (DPM-Solver++(2M)); guidance: a Guidance."""
+    """Sample from x_T with labels y on the trailing timesteps. With return_x0, also the predicted
+    x0 of every step. sampler: ddim (the paper's; eq. 1), euler or dpm2m (DPM-Solver++(2M));
+    guidance: a Guidance."""
     update = SAMPLERS[sampler]
     ts = ddim_timesteps(steps)
     x, x0_pred, carry = x_T, [], None
@@ -265,8 +289,8 @@ def sample(model, x_T, y, steps=20, w=0.0, pag=0.0, return_x0=False, sampler="dd
 
 
 @torch.no_grad()
-def sample_many(model, x_T, y, steps=20, w=0.0, pag=0.0, batch_size=BATCH, refiner=None, desc=None, sampler="ddim",
-                guidance=CFG):
+def sample_many(model, x_T, y, steps=20, w=0.0, pag=0.0, batch_size=BATCH, refiner=None, desc=None,
+                sampler="ddim", guidance=CFG):
     """`sample` over many noises in batches, with a tqdm bar. With a refiner, x_T is refined first
     (x_hat_T = g_phi(x_T, c), one forward) and then sampled as given (w = 0 for NoiseRefine)."""
     device = next(model.parameters()).device

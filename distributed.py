@@ -2,9 +2,9 @@
 
     torchrun --standalone --nproc_per_node=4 train_teacher.py --device cuda ...
 
-torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; `init` then joins the process group (NCCL on GPUs, gloo on
-CPU) and gives each process its own GPU. Without torchrun, rank is 0, world is 1 and every helper here
-does nothing, so the single-process commands stay exactly as they were.
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; `init` then joins the process group (NCCL on GPUs,
+gloo on CPU) and gives each process its own GPU. Without torchrun, rank is 0, world is 1 and every
+helper here does nothing, so the single-process commands stay exactly as they were.
 """
 import os
 
@@ -13,7 +13,8 @@ import torch.distributed as dist
 
 
 def init(device):
-    """(rank, world size, this process's device). Safe to call twice (train_refiner may train a teacher)."""
+    """(rank, world size, this process's device). Safe to call twice (train_refiner may train a
+    teacher)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, device
@@ -39,7 +40,8 @@ def barrier():
 
 
 def main_first(fn):
-    """fn() on rank 0, then on the others: fn caches its result on disk, so they read what rank 0 wrote."""
+    """fn() on rank 0, then on the others: fn caches its result on disk, so they read what rank 0
+    wrote."""
     if not is_main():
         barrier()
     out = fn()
@@ -49,7 +51,8 @@ def main_first(fn):
 
 
 def mean_over_ranks(value):
-    """The mean of a scalar tensor over all processes (for logging: every rank sees the same number)."""
+    """The mean of a scalar tensor over all processes (for logging: every rank sees the same
+    number)."""
     if not dist.is_initialized():
         return value
     value = value.detach().clone()

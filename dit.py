@@ -1,8 +1,8 @@
 """A small DiT (Peebles & Xie, arXiv 2212.09748) that predicts eps in pixel space.
 
 Patchify -> fixed 2-D sin-cos positions -> adaLN-Zero blocks conditioned on (t, y) -> final adaLN
-layer -> unpatchify. The label table has one extra row, the null class, for classifier-free guidance.
-`Attention` and `timestep_embedding` are shared with unet.py.
+layer -> unpatchify. The label table has one extra row, the null class, for classifier-free
+guidance. `Attention` and `timestep_embedding` are shared with unet.py.
 """
 import math
 from dataclasses import dataclass
@@ -41,7 +41,8 @@ class Attention(nn.Module):
     def forward(self, x, identity_attn=False):
         B, L, C = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        out = v if identity_attn else F.scaled_dot_product_attention(q, k, v)  # (B, heads, L, C/heads)
+        # (B, heads, L, C/heads)
+        out = v if identity_attn else F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
 
@@ -61,13 +62,15 @@ class TimestepEmbedder(nn.Module):
 
 
 def pos_embed_2d(dim, grid):
-    """Fixed 2-D sin-cos position embedding, (grid*grid, dim): half the channels for rows, half for columns."""
+    """Fixed 2-D sin-cos position embedding, (grid*grid, dim): half the channels for rows, half for
+    columns."""
     def embed_1d(d, pos):
         omega = 1.0 / 10000 ** (np.arange(d // 2) / (d / 2))
         out = np.outer(pos, omega)
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
     rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
-    emb = np.concatenate([embed_1d(dim // 2, rows.ravel()), embed_1d(dim // 2, cols.ravel())], axis=1)
+    emb = np.concatenate([embed_1d(dim // 2, rows.ravel()),
+                          embed_1d(dim // 2, cols.ravel())], axis=1)
     return torch.from_numpy(emb).float()
 
 
@@ -81,8 +84,8 @@ def modulate(x, shift, scale):
 
 
 class DiTBlock(nn.Module):
-    """Pre-norm transformer block with adaLN-Zero: the conditioning regresses shift, scale and a gate
-    per branch; the gates start at zero, so every block starts as the identity."""
+    """Pre-norm transformer block with adaLN-Zero: the conditioning regresses shift, scale and a
+    gate per branch; the gates start at zero, so every block starts as the identity."""
 
     def __init__(self, hidden, heads, mlp_ratio=4.0):
         super().__init__()
@@ -134,7 +137,8 @@ class DiT(nn.Module):
         super().__init__()
         c = self.config = config
         if c.image_size % c.patch:
-            raise ValueError(f"--image-size {c.image_size} is not divisible by the DiT patch size {c.patch}")
+            raise ValueError(f"--image-size {c.image_size} is not divisible by the DiT patch size "
+                             f"{c.patch}")
         self.num_classes = c.num_classes  # label id num_classes is the null class
         self.grid = c.image_size // c.patch
         self.patch_embed = nn.Conv2d(c.channels, c.hidden, c.patch, stride=c.patch)
@@ -169,7 +173,7 @@ class DiT(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 PRESETS = {
-    "dit-tiny": dict(image_size=16, patch=4, hidden=128, depth=6, heads=4),      # CPU size, 16 tokens
-    "dit-cifar": dict(image_size=32, patch=2, hidden=384, depth=12, heads=6),    # DiT-S/2, ~33M
+    "dit-tiny": dict(image_size=16, patch=4, hidden=128, depth=6, heads=4),    # CPU size, 16 tokens
+    "dit-cifar": dict(image_size=32, patch=2, hidden=384, depth=12, heads=6),  # DiT-S/2, ~33M
     "dit-imagenet64": dict(image_size=64, patch=4, hidden=512, depth=12, heads=8),
 }

@@ -1,17 +1,19 @@
 """Inception FID (Heusel et al. 2017, arXiv 1706.08500), for comparing with papers on CIFAR-10 and
 ImageNet-64: evaluate.py --fid and train_refiner.py --fid.
 
-The features are pytorch-fid's port of the TF Inception v3 (2048-d pool features, the images resized to
-299 px inside it), an optional dependency imported only when --fid is asked for: pip install pytorch-fid.
-Its weights are downloaded on first use into torch's hub cache; a machine without network needs that file
-copied there. The reference statistics are the training set's, cached beside the data set.
+The features are pytorch-fid's port of the TF Inception v3 (2048-d pool features, the images resized
+to 299 px inside it), an optional dependency imported only when --fid is asked for: pip install
+pytorch-fid. Its weights are downloaded on first use into torch's hub cache; a machine without
+network needs that file copied there. The reference statistics are the training set's, cached beside
+the data set.
 
 Read an FID with its sample count: FID is biased upward at small n (Chong & Forsyth 2020, arXiv
-1911.07023), so numbers are comparable only at equal n, and papers use 50,000. With CFG, FID against real
-data can rise while class adherence improves, so the table also gives the FID of the refined samples
-against the CFG samples: how close NoiseRefine's images come to the guided ones it learned from.
+1911.07023), so numbers are comparable only at equal n, and papers use 50,000. With CFG, FID against
+real data can rise while class adherence improves, so the table also gives the FID of the refined
+samples against the CFG samples: how close NoiseRefine's images come to the guided ones it learned
+from.
 
-The embedded sets' own stand-in, FD_cls (evaluate.py), needs none of this.
+The embedded sets' own stand-in, FD_cls (metrics.py), needs none of this.
 """
 import hashlib
 import os
@@ -21,27 +23,31 @@ from tqdm import tqdm
 
 import data
 from checkpoint import save_atomic
-from evaluate import as_saved, frechet_distance, gaussian_stats
+from metrics import as_saved, frechet_distance, gaussian_stats
 from safety import BadInput
 
 REFERENCE = "the training set"
 
 
 def inception(device):
-    """The feature function of pytorch-fid's Inception v3: images in [-1, 1] -> (N, 2048) float64."""
+    """The feature function of pytorch-fid's Inception v3: images in [-1, 1] -> (N, 2048)
+    float64."""
     try:
         from pytorch_fid.inception import InceptionV3
     except ImportError:
-        raise BadInput("--fid needs the optional package pytorch-fid (pip install pytorch-fid)") from None
+        raise BadInput("--fid needs the optional package pytorch-fid (pip install "
+                       "pytorch-fid)") from None
     try:
         net = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).to(device).eval()
     except Exception as e:  # no network for the first download, or a broken cache file
-        raise BadInput(f"--fid: the Inception weights could not be loaded ({type(e).__name__}); pytorch-fid "
-                       f"downloads them into {torch.hub.get_dir()}/checkpoints on first use") from None
+        raise BadInput(f"--fid: the Inception weights could not be loaded ({type(e).__name__}); "
+                       f"pytorch-fid downloads them into {torch.hub.get_dir()}/checkpoints on "
+                       "first use") from None
 
     @torch.no_grad()
     def features(images):
-        return net(((images + 1) / 2).to(device))[0].flatten(1).double().cpu()  # pytorch-fid takes [0, 1]
+        # pytorch-fid takes [0, 1]
+        return net(((images + 1) / 2).to(device))[0].flatten(1).double().cpu()
     features.name = "inception-v3-pytorch-fid"
     return features
 
@@ -62,8 +68,10 @@ class FID:
         return gaussian_stats(self.feats(images, desc))
 
     def reference(self, dataset, data_dir, image_size):
-        """(mu, cov, n) of the training set's features, cached in data_dir (written whole or not at all)."""
-        key = hashlib.sha256(f"{self.features.name}/{dataset}/{image_size}".encode()).hexdigest()[:10]
+        """(mu, cov, n) of the training set's features, cached in data_dir (written whole or not at
+        all)."""
+        key = hashlib.sha256(
+            f"{self.features.name}/{dataset}/{image_size}".encode()).hexdigest()[:10]
         path = os.path.join(data_dir, f"fid_stats_{dataset}_{image_size}_{key}.pt")
         if os.path.isfile(path):
             ref = torch.load(path, weights_only=True)
@@ -89,7 +97,9 @@ class FID:
 def print_fid(rows):
     n = {r["n"] for r in rows.values()}
     print(f"Inception FID against {REFERENCE} ({next(iter(rows.values()))['reference_n']} images), "
-          f"{'/'.join(map(str, sorted(n)))} samples per regime (papers use 50,000; fewer reads higher):")
+          f"{'/'.join(map(str, sorted(n)))} samples per regime (papers use 50,000; fewer reads "
+          "higher):")
     for name, r in rows.items():
-        extra = "".join(f"; FID to the {k[7:]} samples {v:.2f}" for k, v in r.items() if k.startswith("fid_to_"))
+        extra = "".join(f"; FID to the {k[7:]} samples {v:.2f}" for k, v in r.items()
+                        if k.startswith("fid_to_"))
         print(f"  {name}: {r['fid']:.2f}{extra}")

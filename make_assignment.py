@@ -1,13 +1,14 @@
-"""Write a student copy of this repository: every body between `# BEGIN SOLUTION` and `# END SOLUTION`
-becomes `raise NotImplementedError("exercise: <function>")`; docstrings, hints and every other file stay
-byte for byte. EXERCISES.md says what to implement and which pytest command grades it.
+"""Write a student copy of this repository: every body between `# BEGIN SOLUTION` and
+`# END SOLUTION` becomes `raise NotImplementedError("exercise: <function>")`; docstrings, hints and
+every other file stay byte for byte. EXERCISES.md says what to implement and which pytest command
+grades it.
 
     python make_assignment.py --out ../noiserefine-student
     python make_assignment.py --out ../hw3 --only msd_loss full_loss
 
-Only the files git tracks (or would: untracked, not ignored) are copied; outside a git checkout, everything
-but .git, .venv, runs, data, samples and caches. It refuses to write inside this repository or into a
-folder that is not empty.
+Only the files git tracks (or would: untracked, not ignored) are copied; outside a git checkout,
+everything but .git, .venv, runs, data, samples and caches. It refuses to write inside this
+repository or into a folder that is not empty.
 """
 import os
 import re
@@ -24,9 +25,11 @@ SKIP = {".git", ".venv", "runs", "data", "samples", "__pycache__", ".pytest_cach
 
 def repository_files():
     try:
-        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
+                              "--exclude-standard"], cwd=ROOT,
                              capture_output=True, check=True).stdout
-        return sorted(f for f in out.decode().split("\0") if f and os.path.isfile(os.path.join(ROOT, f)))
+        return sorted(f for f in out.decode().split("\0")
+                      if f and os.path.isfile(os.path.join(ROOT, f)))
     except (OSError, subprocess.CalledProcessError):
         files = []
         for folder, dirs, names in os.walk(ROOT):
@@ -91,9 +94,10 @@ def read(rel):
 
 def build_parser():
     p = cli.Parser(__doc__)
-    p.add_argument("--out", type=cli.path, required=True, help="an empty or new folder outside this repository")
-    p.add_argument("--only", type=cli.name, nargs="+", default=None, help="blank only these functions (default: "
-                   "all marked)")
+    p.add_argument("--out", type=cli.path, required=True,
+                   help="an empty or new folder outside this repository")
+    p.add_argument("--only", type=cli.name, nargs="+", default=None,
+                   help="blank only these functions (default: all marked)")
     return p
 
 
@@ -107,9 +111,11 @@ def main(argv=None):
     files = repository_files()
     names = all_exercises(files)
     if args.only:
-        unknown = [n for n in args.only if n not in names and n not in {m.split(".")[-1] for m in names}]
+        unknown = [n for n in args.only
+                   if n not in names and n not in {m.split(".")[-1] for m in names}]
         if unknown:
-            die(f"--only {' '.join(unknown)}: no such marked function; marked are {', '.join(names)}")
+            die(f"--only {' '.join(unknown)}: no such marked function; marked are "
+                f"{', '.join(names)}")
     blanked = []
     for rel in files:
         dest = os.path.join(out, rel)
@@ -122,7 +128,8 @@ def main(argv=None):
             blanked += [f"{rel}: {n}" for n in done]
         else:
             shutil.copy2(os.path.join(ROOT, rel), dest)
-    print(f"wrote a student copy of {len(files)} files to {out}; {len(blanked)} functions blanked (EXERCISES.md, exercises 1-6):")
+    print(f"wrote a student copy of {len(files)} files to {out}; {len(blanked)} functions blanked "
+          "(EXERCISES.md, exercises 1-6):")
     for line in blanked:
         print(f"  {line}")
 

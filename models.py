@@ -1,5 +1,5 @@
-"""The teachers by preset name: a preset's config dict (what a checkpoint stores) and the model rebuilt from
-it. The presets themselves sit beside their models, in dit.PRESETS and unet.PRESETS."""
+"""The teachers by preset name: a preset's config dict (what a checkpoint stores) and the model
+rebuilt from it. The presets themselves sit beside their models, in dit.PRESETS and unet.PRESETS."""
 import dataclasses
 
 import dit

@@ -6,10 +6,10 @@ those of v1; they move between versions. Names used here:
     x_T        Gaussian initial noise, N(0, I)
     c, y       the condition (a class label here)
     x0_guide   DenoiseGuide(x_T, c): the image that N' guided DDIM steps make from x_T (eq. 1-2)
-    g_phi      the refiner: x_hat_T = g_phi(x_T, c) = x_T + f_phi(x_T, T, c)          (eq. 3)
-    a_t, b_t   one DDIM step as an affine map, x_{t-1} = a_t x_t + b_t eps           (eq. 1; diffusion.py)
+    g_phi      the refiner: x_hat_T = g_phi(x_T, c) = x_T + f_phi(x_T, T, c)  (eq. 3)
+    a_t, b_t   one DDIM step as an affine map, x_{t-1} = a_t x_t + b_t eps    (eq. 1; diffusion.py)
     SG         stop-gradient: the value flows forward, no gradient flows back
-    F_t        F_t(x) = a_t x + b_t SG(eps_theta(x, t, c))                          (eq. 4)
+    F_t        F_t(x) = a_t x + b_t SG(eps_theta(x, t, c))                    (eq. 4)
     MSD        multistep score distillation, L_MSD = ||F_1(...F_T(x_hat_T)) - x0_guide||^2  (eq. 5)
 
 Inference: refine once (one forward), then sample with no guidance: N + 1 forwards instead of 2N.
@@ -24,10 +24,10 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from accel import autocast
-from checkpoint import FORMAT, fingerprint, load_checkpoint, save_atomic
+from checkpoint import FORMAT, Keeper, fingerprint, load_checkpoint
 from diffusion import T, ddim_schedule, ddim_step, timestep_batch
 from pairs import batch_of
-from safety import BadInput, kept_checkpoint, on_interrupt
+from safety import BadInput
 
 # ----------------------------------------------------------------------------------------------
 # LoRA (Hu et al., arXiv 2106.09685), from scratch
@@ -38,7 +38,8 @@ class LoRA(nn.Module):
     """base(x) + (alpha / r) up(down(x)) around a frozen nn.Linear or nn.Conv2d.
 
     `up` starts at zero, so an adapted layer starts exactly equal to its base layer. For a conv,
-    `down` has the base's kernel, stride and padding and `up` is 1x1, so the update is a rank-r conv.
+    `down` has the base's kernel, stride and padding and `up` is 1x1, so the update is a rank-r
+    conv.
     """
 
     def __init__(self, base, rank, alpha):
@@ -49,7 +50,8 @@ class LoRA(nn.Module):
             self.down = nn.Linear(base.in_features, rank, bias=False)
             self.up = nn.Linear(rank, base.out_features, bias=False)
         else:
-            self.down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, bias=False)
+            self.down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride,
+                                  base.padding, bias=False)
             self.up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
         nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.up.weight)
@@ -84,8 +86,8 @@ class LoRA(nn.Module):
 
 
 def add_lora(model, rank, alpha, skip=()):
-    """Wrap every nn.Linear and nn.Conv2d of `model` (attention, convolution, feed-forward and embedding
-    MLPs) in LoRA, except the modules in `skip`. Returns the number of adapters added."""
+    """Wrap every nn.Linear and nn.Conv2d of `model` (attention, convolution, feed-forward and
+    embedding MLPs) in LoRA, except the modules in `skip`. Returns the number of adapters added."""
     count = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
@@ -107,14 +109,15 @@ def lora_layers(model):
 class Refiner(nn.Module):
     """x_hat_T = g_phi(x_T, c) = x_T + f_phi(x_T, T, c), with f_phi a copy of the teacher network.
 
-    Why a fresh head: at t = 999 the teacher's own eps-output is already close to x_T (x_999 is almost
-    pure noise), so x_T + eps_theta(x_T) would double the noise. Instead the copy's output layer is
-    re-initialised to zero: f_phi = 0 and g_phi is exactly the identity at initialisation, and the
-    adapted trunk learns only the (small, low-frequency) correction. One network forward per refinement.
+    Why a fresh head: at t = 999 the teacher's own eps-output is already close to x_T (x_999 is
+    almost pure noise), so x_T + eps_theta(x_T) would double the noise. Instead the copy's output
+    layer is re-initialised to zero: f_phi = 0 and g_phi is exactly the identity at initialisation,
+    and the adapted trunk learns only the (small, low-frequency) correction. One network forward per
+    refinement.
 
-    rank > 0: LoRA adapters on every other layer, base weights frozen (the paper's choice, for its large
-    teachers); rank = 0: the whole copy is fine-tuned (train_refiner.py's default and every table's here:
-    on the 0.67M-parameter teacher it did better, docs/ablations.md).
+    rank > 0: LoRA adapters on every other layer, base weights frozen (the paper's choice, for its
+    large teachers); rank = 0: the whole copy is fine-tuned (train_refiner.py's default and every
+    table's here: on the 0.67M-parameter teacher it did better, docs/ablations.md).
     """
 
     def __init__(self, teacher, rank=8, alpha=None):
@@ -131,15 +134,18 @@ class Refiner(nn.Module):
         head.requires_grad_(True)
 
     def forward(self, x_T, y):
-        """x_hat_T = g_phi(x_T, c) = x_T + f_phi(x_T, T, c), eq. (3): one forward of the copy at t = T - 1."""
+        """x_hat_T = g_phi(x_T, c) = x_T + f_phi(x_T, T, c), eq. (3): one forward of the copy at
+        t = T - 1."""
         # BEGIN SOLUTION
-        return x_T + self.net(x_T, timestep_batch(T - 1, x_T), y)  # x_hat_T = x_T + f_phi(x_T, T, c)
+        # x_hat_T = x_T + f_phi(x_T, T, c)
+        return x_T + self.net(x_T, timestep_batch(T - 1, x_T), y)
         # END SOLUTION
 
     def trainable_state(self):
-        """A copy of what training changes (adapters and head, or everything for rank 0): what a checkpoint
-        holds. Cloned: state_dict() shares storage with the live weights, so a snapshot kept without a
-        copy (the best validation step's) would move with every later optimiser step."""
+        """A copy of what training changes (adapters and head, or everything for rank 0): what a
+        checkpoint holds. Cloned: state_dict() shares storage with the live weights, so a snapshot
+        kept without a copy (the best validation step's) would move with every later optimiser
+        step."""
         names = {n for n, p in self.named_parameters() if p.requires_grad}
         return {k: v.detach().clone() for k, v in self.state_dict().items() if k in names}
 
@@ -155,27 +161,30 @@ class Refiner(nn.Module):
 
 
 def msd_loss(teacher, x_hat_T, y, x0_guide, steps=10):
-    """L_MSD = mean (F_1(...F_T(x_hat_T)) - x0_guide)^2, F_t(x) = a_t x + b_t SG(eps_theta(x, t, c)).
+    """L_MSD = mean (F_1(...F_T(x_hat_T)) - x0_guide)^2,
+    F_t(x) = a_t x + b_t SG(eps_theta(x, t, c)).
 
     Every eps is computed under no_grad (SG), so no graph is built through the N teacher calls: the
     gradient reaches x_hat_T only through the chain of a_t's,
         dL/dx_hat_T = (prod_t a_t) * 2 (x_hat_0 - x0_guide) / numel.
     Proposition 2: when d eps / d x is close to a multiple of the identity, the full gradient is a
-    positive multiple k of this one, so MSD descends the same loss at the cost of N forwards, no backward.
+    positive multiple k of this one, so MSD descends the same loss at the cost of N forwards, no
+    backward. Under --amp the teacher runs in bf16 but the chain stays in x's fp32: x_hat_0 -
+    x0_guide is a small residual, below bf16's three digits of x.
     """
     # BEGIN SOLUTION
     x = x_hat_T
     for t, a_t, b_t in ddim_schedule(steps):
         with torch.no_grad():
-            eps = teacher(x, timestep_batch(t, x), y).to(x.dtype)  # SG(eps_theta(x_t, t, c)); fp32 under --amp:
-            # x_hat_0 - x0_guide is a small residual of the chain, below bf16's 3 digits of x
+            eps = teacher(x, timestep_batch(t, x), y).to(x.dtype)  # SG(eps_theta(x_t, t, c))
         x = ddim_step(x, eps, a_t, b_t)                # F_t(x) = a_t x + b_t SG(eps), eq. (4)
     return ((x - x0_guide) ** 2).mean()                # eq. (5)
     # END SOLUTION
 
 
 def full_loss(teacher, x_hat_T, y, x0_guide, steps=10):
-    """L_Denoise (eq. 2): the same unguided DDIM chain, backpropagated through every teacher call."""
+    """L_Denoise (eq. 2): the same unguided DDIM chain, backpropagated through every teacher
+    call."""
     # BEGIN SOLUTION
     x = x_hat_T
     for t, a_t, b_t in ddim_schedule(steps):
@@ -195,16 +204,27 @@ def prod_a(steps):
 
 
 @dataclasses.dataclass
-class Training:
+class RefinerSettings:
     """The refiner's training settings (train_refiner.py's flags default to these)."""
-    steps: int = 1500       # with lr: chosen on the dev bank across seven teachers (docs/teachers.md)
+    steps: int = 1500       # with lr: chosen on the dev bank across seven teachers
+                            # (docs/teachers.md)
     batch_size: int = 32
     lr: float = 1e-3
     adam_eps: float = 1e-8  # must stay small next to sqrt(v): see `fit`
     msd_steps: int = 10     # N: unguided DDIM steps inside L_MSD
     val_every: int = 200
     seed: int = 0
-    amp: str = "none"       # "bf16": autocast the forwards (accel.py); the chain and the loss stay fp32
+    amp: str = "none"       # "bf16": autocast the forwards (accel.py); the chain and the loss
+                            # stay fp32
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where a refiner's training stands, besides its weights and optimiser."""
+    step: int
+    best: float       # the best validation L_MSD so far
+    best_state: dict  # the trainable weights at that step (a clone: later steps do not move it)
+    identity: float   # the identity refiner's validation L_MSD, step 0
 
 
 def cosine_lr(step, steps, lr):
@@ -224,11 +244,86 @@ def validation_loss(refiner, teacher, val, msd_steps, device, amp="none"):
     return total / len(val["y"])
 
 
+def fit(refiner, teacher, train_pairs, val, s, device, ckpt_path, meta, resume=False, stop_at=None):
+    """Train the refiner with L_MSD (settings s: RefinerSettings), validating and checkpointing to
+    ckpt_path (with `meta`: the teacher's fingerprint and path, the run's flags) every s.val_every
+    steps. Returns the refiner in eval mode with the weights of the best validation loss. resume
+    continues from ckpt_path; stop_at stops there as if interrupted (tests)."""
+    params = [p for p in refiner.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0, eps=s.adam_eps, foreach=True)
+    gen = torch.Generator().manual_seed(s.seed)  # the batches
+    torch.manual_seed(s.seed)  # dropout, where a preset has it, draws from the global generator
+    run = (resumed(refiner, opt, gen, ckpt_path, meta) if resume
+           else fresh(refiner, teacher, val, s, device))
+    keeper = Keeper(ckpt_path, s.val_every, lambda: checkpoint(refiner, opt, gen, run, meta),
+                    run.step if resume else None)
+    # L_MSD / prod(a_t)^2 is what we print: to first order x_hat_0 moves prod(a_t) ~ 157 times as
+    # far as x_hat_T, so this is the squared size of the correction x_hat_T still lacks. We
+    # backpropagate L_MSD itself: divided by prod(a_t)^2 ~ 2.5e4, Adam's eps was no longer small
+    # next to sqrt(v).
+    scale = prod_a(s.msd_steps) ** 2
+    last = min(s.steps, stop_at or s.steps)
+    bar = tqdm(range(run.step, last), initial=run.step, total=s.steps, desc="refiner (MSD)")
+    with keeper.on_interrupt():
+        for step in bar:
+            for g in opt.param_groups:
+                g["lr"] = cosine_lr(step, s.steps, s.lr)
+            idx = torch.randint(len(train_pairs["y"]), (s.batch_size,), generator=gen)
+            x_T, y, x0_guide = batch_of(train_pairs, idx, device)
+            refiner.train()
+            with autocast(device, s.amp):
+                loss = msd_loss(teacher, refiner(x_T, y), y, x0_guide, s.msd_steps)
+            keeper.check(loss.item(), step, "MSD loss")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            run.step = step + 1
+            bar.set_postfix(loss=f"{loss.item() / scale:.3e}", best_val=f"{run.best / scale:.3e}")
+            if run.step % s.val_every == 0 or run.step == s.steps:
+                val_loss = validation_loss(refiner, teacher, val, s.msd_steps, device, s.amp)
+                if val_loss < run.best:
+                    run.best, run.best_state = val_loss, refiner.trainable_state()
+                keeper.save(run.step)
+                tqdm.write(f"step {run.step}: validation L_MSD/prod(a)^2 {val_loss / scale:.4e} "
+                           f"(best {run.best / scale:.4e}); "
+                           f"eps-bound weights {eps_bound_share(opt):.2%}")
+            elif run.step == last:
+                keeper.save(run.step)
+    refiner.load_state_dict(run.best_state, strict=False)
+    return refiner.eval()
+
+
+def fresh(refiner, teacher, val, s, device):
+    """A new run: the identity refiner is the first candidate for the best validation loss."""
+    best = validation_loss(refiner, teacher, val, s.msd_steps, device, s.amp)
+    tqdm.write(f"step 0 (identity refiner): validation L_MSD/prod(a)^2 "
+               f"{best / prod_a(s.msd_steps) ** 2:.4e}")
+    return Progress(0, best, refiner.trainable_state(), best)
+
+
+def resumed(refiner, opt, gen, ckpt_path, meta):
+    """The run kept in ckpt_path: weights, optimiser and random state as they were."""
+    ckpt = load_refiner_ckpt(ckpt_path, meta["teacher_fingerprint"], "--resume")
+    refiner.load_state_dict(ckpt["state"], strict=False)
+    opt.load_state_dict(ckpt["opt"])
+    gen.set_state(ckpt["gen"])
+    torch.set_rng_state(ckpt["rng"])
+    return Progress(ckpt["step"], ckpt["best_val"], ckpt["best"], ckpt.get("identity_val"))
+
+
+def checkpoint(refiner, opt, gen, run, meta):
+    """The refiner's checkpoint: a plain dict (load_refiner reads it)."""
+    return {"kind": "refiner", "format": FORMAT, **meta, "rank": refiner.rank,
+            "alpha": refiner.alpha, "state": refiner.trainable_state(), "best": run.best_state,
+            "best_val": run.best, "identity_val": run.identity, "opt": opt.state_dict(),
+            "gen": gen.get_state(), "rng": torch.get_rng_state(), "step": run.step}
+
+
 @torch.no_grad()
 def eps_bound_share(opt):
-    """Share of the trained weights with sqrt(v_hat) < 10 eps, where eps is at least a tenth of Adam's
-    denominator. Where this share is not small, the loss scale changes the steps (a loss k times smaller
-    moves those weights less)."""
+    """Share of the trained weights with sqrt(v_hat) < 10 eps, where eps is at least a tenth of
+    Adam's denominator. Where this share is not small, the loss scale changes the steps (a loss k
+    times smaller moves those weights less)."""
     bound = total = 0
     for group in opt.param_groups:
         for p in group["params"]:
@@ -240,76 +335,6 @@ def eps_bound_share(opt):
     return bound / max(total, 1)
 
 
-def fit(refiner, teacher, train_pairs, val, t, device, ckpt_path, meta, resume=False, stop_at=None):
-    """Train the refiner's trainable weights with L_MSD (settings t: Training); checkpoint to ckpt_path at
-    every validation, with `meta` (the teacher's fingerprint and path, the run's flags). Returns the
-    refiner, in eval mode, with the weights of the best validation loss: a cloned snapshot, so later steps
-    do not move it. resume continues from ckpt_path; stop_at stops there as if interrupted (tests)."""
-    params = [p for p in refiner.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=0.0, eps=t.adam_eps, foreach=True)  # as teacher.setup
-    gen = torch.Generator().manual_seed(t.seed)  # the batches
-    torch.manual_seed(t.seed)  # dropout, where a preset has it, draws from the global generator
-    scale = prod_a(t.msd_steps) ** 2
-    if resume:
-        ckpt = load_refiner_ckpt(ckpt_path, meta["teacher_fingerprint"], "--resume")
-        refiner.load_state_dict(ckpt["state"], strict=False)
-        opt.load_state_dict(ckpt["opt"])
-        gen.set_state(ckpt["gen"])
-        torch.set_rng_state(ckpt["rng"])
-        step, best, best_state = ckpt["step"], ckpt["best_val"], ckpt["best"]
-        identity = ckpt.get("identity_val")
-    else:  # the identity refiner is the first candidate for the best validation loss
-        step, best = 0, validation_loss(refiner, teacher, val, t.msd_steps, device, t.amp)
-        best_state, identity = refiner.trainable_state(), best
-        tqdm.write(f"step 0 (identity refiner): validation L_MSD/prod(a)^2 {best / scale:.4e}")
-
-    saved = step if resume else None  # the step of the checkpoint on disk
-    kept = lambda: kept_checkpoint(saved, ckpt_path, t.val_every)  # noqa: E731
-    def save():
-        nonlocal saved
-        save_atomic({"kind": "refiner", "format": FORMAT, **meta, "rank": refiner.rank, "alpha": refiner.alpha,
-                     "state": refiner.trainable_state(), "best": best_state, "best_val": best,
-                     "identity_val": identity,
-                     "opt": opt.state_dict(), "gen": gen.get_state(), "rng": torch.get_rng_state(), "step": step},
-                    ckpt_path)
-        saved = step  # only once the file is whole
-
-    # To first order x_hat_0 moves by prod(a_t) ~ 157 times a move of x_hat_T, so L_MSD / prod(a_t)^2 is
-    # the squared size of the noise-space correction x_hat_T still lacks (~1e-6: the correction is small).
-    # That is the number we print. We backpropagate L_MSD itself: Adam's steps ignore the loss scale only
-    # while its eps is small next to sqrt(v), and with the loss divided by prod(a_t)^2 ~ 2.5e4 it was not
-    # (see the "eps-bound" share the validation line prints, and ablate.py's row eps_scaled).
-    last = min(t.steps, stop_at or t.steps)
-    bar = tqdm(range(step, last), initial=step, total=t.steps, desc="refiner (MSD)")
-    with on_interrupt(lambda: f"at step {step}; {kept()}"):
-        for step in bar:
-            for g in opt.param_groups:
-                g["lr"] = cosine_lr(step, t.steps, t.lr)
-            x_T, y, x0_guide = batch_of(train_pairs, torch.randint(len(train_pairs["y"]), (t.batch_size,),
-                                                                    generator=gen), device)
-            refiner.train()
-            with autocast(device, t.amp):
-                loss = msd_loss(teacher, refiner(x_T, y), y, x0_guide, t.msd_steps)
-            if not torch.isfinite(loss):
-                raise BadInput(f"MSD loss is {loss.item()} at step {step}; {kept()}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            bar.set_postfix(loss=f"{loss.item() / scale:.3e}", best_val=f"{best / scale:.3e}")
-            if step % t.val_every == 0 or step == t.steps:
-                val_loss = validation_loss(refiner, teacher, val, t.msd_steps, device, t.amp)
-                if val_loss < best:
-                    best, best_state = val_loss, refiner.trainable_state()
-                save()
-                tqdm.write(f"step {step}: validation L_MSD/prod(a)^2 {val_loss / scale:.4e} (best {best / scale:.4e}); "
-                           f"eps-bound weights {eps_bound_share(opt):.2%}")
-            elif step == last:
-                save()
-    refiner.load_state_dict(best_state, strict=False)
-    return refiner.eval()
-
-
 # ----------------------------------------------------------------------------------------------
 # Loading a trained refiner
 # ----------------------------------------------------------------------------------------------
@@ -317,9 +342,11 @@ def fit(refiner, teacher, train_pairs, val, t, device, ckpt_path, meta, resume=F
 
 @torch.no_grad()
 def refine_many(refiner, x_T, y, batch_size=250):
-    """x_hat_T = g_phi(x_T, c) over many noises in batches, on the refiner's device, returned on the CPU."""
+    """x_hat_T = g_phi(x_T, c) over many noises in batches, on the refiner's device, returned on
+    the CPU."""
     device = next(refiner.parameters()).device
-    return torch.cat([refiner(x_T[i:i + batch_size].to(device), y[i:i + batch_size].to(device)).cpu()
+    return torch.cat([refiner(x_T[i:i + batch_size].to(device),
+                              y[i:i + batch_size].to(device)).cpu()
                       for i in range(0, len(y), batch_size)])
 
 
@@ -327,8 +354,9 @@ def load_refiner_ckpt(path, teacher_fp, flag="--refiner"):
     """A refiner checkpoint, refused unless it was trained on the teacher with this fingerprint."""
     ckpt = load_checkpoint(path, "refiner", flag)
     if ckpt["teacher_fingerprint"] != teacher_fp:
-        raise BadInput(f"{flag} {path} was trained on teacher {ckpt['teacher_fingerprint']}, but this teacher is "
-                       f"{teacher_fp}; pass the teacher it was trained on (--teacher)")
+        raise BadInput(f"{flag} {path} was trained on teacher {ckpt['teacher_fingerprint']}, "
+                       f"but this teacher is {teacher_fp}; "
+                       "pass the teacher it was trained on (--teacher)")
     return ckpt
 
 

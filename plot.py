@@ -1,12 +1,14 @@
-"""Plots drawn with Pillow (the card's packages: no matplotlib): panels of marked series with error bars,
-each panel a linear or logarithmic x axis. Used for docs/frontier.png (analyze.py frontier)."""
+"""Plots drawn with Pillow (the card's packages: no matplotlib): panels of marked series with error
+bars, each panel a linear or logarithmic x axis. Used for docs/frontier.png (analyze.py
+frontier)."""
 import math
 
 from PIL import Image, ImageDraw
 
 from safety import write_atomic
 
-COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
+COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14),
+           (23, 190, 207)]
 PANEL, MARGIN = (440, 330), (58, 26, 34, 40)  # panel size; margins left, top, right, bottom
 
 
@@ -20,8 +22,8 @@ def ticks(lo, hi, log):
 
 
 def panel(img, origin, title, xlabel, ylabel, series, logx=False):
-    """One panel at `origin`. series: [(label, [(x, y, y_lo, y_hi, tag)], connect)]; a point's interval is
-    drawn as a vertical bar, its tag (if any) written beside it."""
+    """One panel at `origin`. series: [(label, [(x, y, y_lo, y_hi, tag)], connect)]; a point's
+    interval is drawn as a vertical bar, its tag (if any) written beside it."""
     draw = ImageDraw.Draw(img)
     x0, y0 = origin[0] + MARGIN[0], origin[1] + MARGIN[1] + 12
     w, h = PANEL[0] - MARGIN[0] - MARGIN[2], PANEL[1] - MARGIN[1] - MARGIN[3] - 12
@@ -58,7 +60,8 @@ def panel(img, origin, title, xlabel, ylabel, series, logx=False):
 
 
 def save_panels(panels, path, columns=2):
-    """panels: [dict(title=, xlabel=, ylabel=, series=, logx=)], laid out `columns` wide, one PNG."""
+    """panels: [dict(title=, xlabel=, ylabel=, series=, logx=)], laid out `columns` wide, one
+    PNG."""
     rows = math.ceil(len(panels) / columns)
     img = Image.new("RGB", (PANEL[0] * columns, PANEL[1] * rows), "white")
     for i, p in enumerate(panels):

@@ -104,7 +104,8 @@ class UNet(nn.Module):
         self.t_mlp = nn.Sequential(nn.Linear(c.ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.y_embed = nn.Embedding(c.num_classes + 1, emb_dim)
         self.in_conv = nn.Conv2d(c.channels, c.ch, 3, padding=1)
-        level = lambda i, o, res: Level(i, o, emb_dim, c.groups, c.dropout, res in c.attn_res, c.heads)
+        level = lambda i, o, res: Level(i, o, emb_dim, c.groups, c.dropout, res in c.attn_res,
+                                        c.heads)
 
         self.down, skips, ch, res = nn.ModuleList(), [c.ch], c.ch, c.image_size
         for i, m in enumerate(c.mult):
@@ -116,7 +117,8 @@ class UNet(nn.Module):
                 self.down.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
                 skips.append(ch)
                 res //= 2
-        self.mid = nn.ModuleList([level(ch, ch, res), ResBlock(ch, ch, emb_dim, c.groups, c.dropout)])
+        self.mid = nn.ModuleList([level(ch, ch, res),
+                                  ResBlock(ch, ch, emb_dim, c.groups, c.dropout)])
         self.mid[0].attn = AttnBlock(ch, c.heads, c.groups)  # ADM: attention in the middle always
 
         self.up = nn.ModuleList()
@@ -137,7 +139,8 @@ class UNet(nn.Module):
 
     def forward(self, x, t, y, identity_attn=False):
         """x: (B, C, H, W), t: (B,) int64, y: (B,) int64 in 0..num_classes -> eps (B, C, H, W)."""
-        emb = self.t_mlp(timestep_embedding(t, self.config.ch).to(x.dtype)) + self.y_embed(y)  # (B, 4ch)
+        # (B, 4ch)
+        emb = self.t_mlp(timestep_embedding(t, self.config.ch).to(x.dtype)) + self.y_embed(y)
         h = self.in_conv(x)
         hs = [h]
         for layer in self.down:
@@ -157,7 +160,8 @@ class UNet(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 PRESETS = {
-    # CPU default: 16 channels at 16px, attention only in the 4x4 middle (0.48 ms/image forward on 2 cores)
+    # CPU default: 16 channels at 16px, attention only in the 4x4 middle (0.48 ms/image forward on 2
+    # cores)
     "unet-tiny": dict(image_size=16, ch=16, mult=(1, 2, 4), num_res=1, attn_res=(), groups=4),
     "unet-cifar": dict(image_size=32, ch=128, mult=(1, 2, 2, 2), num_res=2, attn_res=(16,),
                        groups=32, dropout=0.1),                           # DDPM-CIFAR size, ~36M

@@ -10,11 +10,13 @@ from models import build_model, model_config  # noqa: E402
 
 
 def pytest_addoption(parser):
-    parser.addoption("--device", default="cpu", help="where the tests marked `device` run (gpu_check.sh: cuda)")
+    parser.addoption("--device", default="cpu",
+                     help="where the tests marked `device` run (gpu_check.sh: cuda)")
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "device: follows --device (gpu_check.sh runs these with --device cuda)")
+    config.addinivalue_line("markers",
+                            "device: follows --device (gpu_check.sh runs these with --device cuda)")
 
 
 @pytest.fixture(scope="session")
@@ -30,13 +32,15 @@ def _seed_and_threads():
 
 
 def tiny_model(arch, num_classes=4, image_size=8, seed=0, dropout=0.0):
-    """A very small teacher of either architecture, with random (non-zero) output weights (the UNet with
-    dropout, if asked)."""
+    """A very small teacher of either architecture, with random (non-zero) output weights (the UNet
+    with dropout, if asked)."""
     torch.manual_seed(seed)
     if arch == "dit":
-        cfg = dict(model_config("dit-tiny", num_classes, image_size), patch=2, hidden=32, depth=2, heads=2)
+        cfg = dict(model_config("dit-tiny", num_classes, image_size), patch=2, hidden=32, depth=2,
+                   heads=2)
     else:
-        cfg = dict(model_config("unet-tiny", num_classes, image_size), ch=8, mult=(1, 2), groups=4, dropout=dropout)
+        cfg = dict(model_config("unet-tiny", num_classes, image_size), ch=8, mult=(1, 2), groups=4,
+                   dropout=dropout)
     model = build_model(cfg)
     with torch.no_grad():  # zero-initialised outputs would make every test about eps = 0
         layer = model.output_layer()

@@ -1,4 +1,5 @@
-"""bench.py end to end on the smallest settings: the JSON layout the README promises, counted forwards."""
+"""bench.py end to end on the smallest settings: the JSON layout the README promises, counted
+forwards."""
 import json
 import os
 import subprocess
@@ -9,10 +10,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_bench_writes_every_table_with_counted_forwards(tmp_path):
     out = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--models", "unet-tiny", "--steps", "3",
-                             "--batch-size", "4", "--msd-steps", "2", "--msd-batch", "2", "--teacher-models",
-                             "dit-tiny", "--teacher-batch", "2", "--repeats", "1", "--device", "cpu",
-                             "--json", str(out)], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--models",
+                             "unet-tiny", "--steps", "3", "--batch-size", "4", "--msd-steps", "2",
+                             "--msd-batch", "2", "--teacher-models", "dit-tiny", "--teacher-batch",
+                             "2", "--repeats", "1", "--device", "cpu", "--json", str(out)],
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.load(open(out))
     assert {"device", "torch", "threads", "sampling", "msd", "teacher"} <= set(report)
@@ -29,12 +31,13 @@ def test_bench_writes_every_table_with_counted_forwards(tmp_path):
 
 
 def test_load_check_reports_both_statistics_quiet_and_busy(tmp_path):
-    """The plumbing of --load-check (whether the ratio holds on a busy machine is measured, not asserted:
-    docs/speed.md has the numbers)."""
+    """The plumbing of --load-check (whether the ratio holds on a busy machine is measured, not
+    asserted: docs/speed.md has the numbers)."""
     out = tmp_path / "load.json"
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--load-check", "--models", "unet-tiny",
-                             "--steps", "2", "--batch-size", "4", "--repeats", "2", "--device", "cpu",
-                             "--json", str(out)], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--load-check",
+                             "--models", "unet-tiny", "--steps", "2", "--batch-size", "4",
+                             "--repeats", "2", "--device", "cpu", "--json", str(out)],
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     check = json.load(open(out))["load_check"]
     for machine in ("quiet", "busy"):
@@ -43,12 +46,14 @@ def test_load_check_reports_both_statistics_quiet_and_busy(tmp_path):
     assert abs(check["change_best"] - (check["busy"]["best"] / check["quiet"]["best"] - 1)) < 1e-12
     report = json.load(open(out))
     assert report["threads"] == 1  # the CPU default: a busy core cannot stall one thread
-    assert report["steady_allocator"] is sys.platform.startswith("linux")  # glibc's mallopt took the threshold
+    # glibc's mallopt took the threshold
+    assert report["steady_allocator"] is sys.platform.startswith("linux")
     assert "fastest rounds" in result.stdout and "busy" in result.stdout
 
 
 def test_threads_default_to_one_on_a_cpu_and_zero_means_torchs_own():
     import bench
     cpu = ["--device", "cpu"]
-    assert bench.parse_args(cpu).threads == 1 and bench.parse_args(cpu + ["--threads", "0"]).threads == 0
+    assert (bench.parse_args(cpu).threads == 1
+            and bench.parse_args(cpu + ["--threads", "0"]).threads == 0)
     assert bench.parse_args(cpu + ["--threads", "2"]).threads == 2

@@ -31,8 +31,8 @@ def test_teacher_resume_equals_a_straight_run(tmp_path):
 def test_teacher_round_trip(tmp_path):
     model = tiny_model("unet")
     path = str(tmp_path / "t.pt")
-    save_atomic({"kind": "teacher", "format": FORMAT, "config": model.config.__dict__, "ema": model.state_dict(),
-                 "data": {}}, path)
+    save_atomic({"kind": "teacher", "format": FORMAT, "config": model.config.__dict__,
+                 "ema": model.state_dict(), "data": {}}, path)
     assert not os.path.exists(path + ".tmp")
     loaded, _ = load_teacher(path)
     x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([5, 900]), torch.tensor([0, 3])
@@ -56,11 +56,12 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, capsys):
 def test_truncated_and_wrong_format_checkpoints(tmp_path, capsys):
     model = tiny_model("dit")
     good = tmp_path / "good.pt"
-    save_atomic({"kind": "teacher", "format": FORMAT, "config": model.config.__dict__, "ema": model.state_dict()},
-                str(good))
+    save_atomic({"kind": "teacher", "format": FORMAT, "config": model.config.__dict__,
+                 "ema": model.state_dict()}, str(good))
     (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:200])
     save_atomic({"kind": "teacher", "format": FORMAT + 1}, str(tmp_path / "new.pt"))
-    for name, message in (("cut.pt", "not a readable"), ("new.pt", "checkpoint format"), ("none.pt", "no such file")):
+    for name, message in (("cut.pt", "not a readable"), ("new.pt", "checkpoint format"),
+                          ("none.pt", "no such file")):
         with pytest.raises(BadInput, match=message):
             load_teacher(str(tmp_path / name))
 
@@ -82,8 +83,8 @@ def test_refiner_on_another_teacher_is_a_clear_error(tmp_path, capsys):
     teacher, other = tiny_model("unet", seed=0), tiny_model("unet", seed=1)
     refiner = Refiner(teacher, 4)
     path = str(tmp_path / "refiner.pt")
-    save_atomic({"kind": "refiner", "format": FORMAT, "teacher_fingerprint": fingerprint(teacher), "rank": 4,
-                 "alpha": 4, "best": refiner.trainable_state()}, path)
+    save_atomic({"kind": "refiner", "format": FORMAT, "teacher_fingerprint": fingerprint(teacher),
+                 "rank": 4, "alpha": 4, "best": refiner.trainable_state()}, path)
     assert torch.equal(load_refiner(path, teacher)(torch.ones(1, 3, 8, 8), torch.tensor([1])),
                        torch.ones(1, 3, 8, 8))
     with pytest.raises(BadInput, match="trained on teacher"):
@@ -102,7 +103,8 @@ def test_a_failed_write_is_one_line_naming_the_path_and_leaves_no_temporary_file
     assert os.listdir(tmp_path) == []  # the temporary file is gone, so it cannot keep the disk full
 
     def torch_zip_writer_fails(f):  # how torch.save reports a full disk
-        raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file")
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed "
+                           "writing file")
     with pytest.raises(BadInput, match="PytorchStreamWriter failed writing file"):
         write_atomic(str(tmp_path / "ckpt.pt"), torch_zip_writer_fails)
     (tmp_path / "a_file").write_text("x")

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import data
-import safety
+import image_sets
 
 
 def test_shapes_is_deterministic_and_balanced():
@@ -97,7 +97,8 @@ def test_what_notebooks_and_archives_leave_in_an_image_folder_is_not_a_class(tmp
         (tmp_path / c).mkdir()
         for i in range(3):
             Image.new("RGB", (8, 8)).save(tmp_path / c / f"{i}.png")
-    Image.new("RGB", (8, 8)).save(tmp_path / "cats" / "._0.png")  # macOS metadata beside a real image
+    # macOS metadata beside a real image
+    Image.new("RGB", (8, 8)).save(tmp_path / "cats" / "._0.png")
     train = data.load_dataset("folder", str(tmp_path), image_size=8, split="train")
     assert train.classes == ["cats", "dogs"] and len(train) == 6
 
@@ -117,14 +118,16 @@ def test_an_archive_with_a_member_that_leaves_the_folder_is_refused(tmp_path, ki
     with tarfile.open(tmp_path / "good.tar.gz") as good, tarfile.open(archive, "w:gz") as tar:
         for info in good.getmembers():  # all the real members, then one hostile one
             tar.addfile(info, good.extractfile(info))
-        evil = tarfile.TarInfo({"dotdot": "cifar-10-batches-py/../../evil", "absolute": "/tmp/evil"}.get(kind, "x"))
+        evil = tarfile.TarInfo({"dotdot": "cifar-10-batches-py/../../evil",
+                                "absolute": "/tmp/evil"}.get(kind, "x"))
         if kind in ("symlink", "hardlink"):
             evil.type = tarfile.SYMTYPE if kind == "symlink" else tarfile.LNKTYPE
             evil.linkname = "/etc/passwd"
         tar.addfile(evil, io.BytesIO(b""))
     with pytest.raises(data.BadInput, match="unsafe member"):
         data.load_dataset("cifar10", str(tmp_path / "data"))
-    assert sorted(os.listdir(tmp_path / "data")) == ["cifar-10-python.tar.gz"]  # nothing was written
+    # nothing was written
+    assert sorted(os.listdir(tmp_path / "data")) == ["cifar-10-python.tar.gz"]
     assert not os.path.exists(tmp_path / "evil")
 
 
@@ -133,17 +136,18 @@ def test_download_with_a_wrong_md5_deletes_the_partial_file(tmp_path):
     write_cifar_archive(source)
     target = tmp_path / "data" / "cifar-10-python.tar.gz"
     with pytest.raises(data.BadInput, match="expected 0+; the partial file was deleted"):
-        safety.fetch(source.as_uri(), str(target), "0" * 32)
+        image_sets.fetch(source.as_uri(), str(target), "0" * 32)
     assert os.listdir(tmp_path / "data") == []
     md5 = hashlib.md5(source.read_bytes()).hexdigest()
-    safety.fetch(source.as_uri(), str(target), md5)  # the right MD5: kept, and readable
+    image_sets.fetch(source.as_uri(), str(target), md5)  # the right MD5: kept, and readable
     assert len(data.load_dataset("cifar10", str(tmp_path / "data"), split="test")) == 4
 
 
 def test_a_16_bit_png_is_scaled_to_8_bits_not_clipped(tmp_path):
-    """Pillow's convert('RGB') clips 16-bit grey values at 255: a mid-grey ramp would read almost white."""
+    """Pillow's convert('RGB') clips 16-bit grey values at 255: a mid-grey ramp would read almost
+    white."""
     ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "ramp16.png")
     assert Image.open(tmp_path / "ramp16.png").mode.startswith("I")
-    pixels = data.read_image(str(tmp_path / "ramp16.png"), 32)
+    pixels = image_sets.read_image(str(tmp_path / "ramp16.png"), 32)
     assert abs(pixels.mean() - 127.5) < 2 and pixels.min() < 5 and pixels.max() > 250

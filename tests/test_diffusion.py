@@ -1,4 +1,5 @@
-"""The diffusion math: noising, the trailing DDIM schedule as an affine map, guided eps, sampling."""
+"""The diffusion math: noising, the trailing DDIM schedule as an affine map, guided eps,
+sampling."""
 import math
 
 import pytest
@@ -31,7 +32,8 @@ def test_trailing_timesteps():
 
 def test_coefficients_agree_with_a_plain_ddim_update():
     """The a_t, b_t of the code against the textbook DDIM (eta = 0) update written out here."""
-    x, eps = torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    x, eps = (torch.randn(2, 3, 4, 4, dtype=torch.float64),
+              torch.randn(2, 3, 4, 4, dtype=torch.float64))
     ts = ddim_timesteps(7)
     for (t, a_t, b_t), t_prev in zip(ddim_schedule(7), ts[1:] + [-1]):
         ab, ab_prev = ABAR[t].item(), (ABAR[t_prev].item() if t_prev >= 0 else 1.0)
@@ -41,9 +43,11 @@ def test_coefficients_agree_with_a_plain_ddim_update():
 
 
 def test_ddim_unstep_inverts_ddim_step():
-    x, eps = torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    x, eps = (torch.randn(2, 3, 4, 4, dtype=torch.float64),
+              torch.randn(2, 3, 4, 4, dtype=torch.float64))
     for t, a_t, b_t in ddim_schedule(5):
-        assert torch.allclose(diffusion.ddim_unstep(diffusion.ddim_step(x, eps, a_t, b_t), eps, a_t, b_t), x)
+        assert torch.allclose(
+            diffusion.ddim_unstep(diffusion.ddim_step(x, eps, a_t, b_t), eps, a_t, b_t), x)
 
 
 class OracleEps(torch.nn.Module):
@@ -120,11 +124,13 @@ def test_autoguidance_formula():
     eps_weak + w' (eps_good - eps_weak) with w' = 1 + w; w = 0 runs the good model alone."""
     good, weak, x, y = Counting(), Constant(0.25), torch.zeros(2, 1, 2, 2), torch.tensor([0, 2])
     eps = diffusion.autoguided_eps(good, x, 999, y, w=2.0, weak=weak)
-    eps_good = torch.tensor([1.0, 3.0]).view(-1, 1, 1, 1)  # 1 + y: conditional, never the null label
+    # 1 + y: conditional, never the null label
+    eps_good = torch.tensor([1.0, 3.0]).view(-1, 1, 1, 1)
     assert torch.allclose(eps, eps_good + 2.0 * (eps_good - 0.25))
     assert torch.allclose(eps, 0.25 + (1 + 2.0) * (eps_good - 0.25))
     assert good.images == 2 and weak.images == 2  # one conditional forward of each network
-    assert torch.allclose(diffusion.autoguided_eps(good, x, 999, y, w=0.0, weak=weak), eps_good.expand_as(x))
+    assert torch.allclose(diffusion.autoguided_eps(good, x, 999, y, w=0.0, weak=weak),
+                          eps_good.expand_as(x))
     assert weak.images == 2  # w = 0: the weak model is not run
     per_sample = diffusion.autoguided_eps(good, x, 999, y, w=torch.tensor([0.0, 1.0]), weak=weak)
     assert torch.allclose(per_sample[:, 0, 0, 0], torch.tensor([1.0, 3.0 + (3.0 - 0.25)]))
@@ -138,8 +144,10 @@ def test_guidance_interval_applies_cfg_only_inside_the_sigma_range():
     assert inside == ts[9:15]
     cfg = guided_eps(Counting(), x, ts[9], y, w=2.0)
     assert torch.equal(diffusion.interval_eps(model, x, ts[9], y, 2.0, interval=interval), cfg)
-    assert torch.equal(diffusion.interval_eps(model, x, ts[15], y, 2.0, interval=interval), guided_eps(model, x, 0, y))
-    assert torch.equal(diffusion.interval_eps(model, x, ts[0], y, 2.0, interval=interval), guided_eps(model, x, 0, y))
+    assert torch.equal(diffusion.interval_eps(model, x, ts[15], y, 2.0, interval=interval),
+                       guided_eps(model, x, 0, y))
+    assert torch.equal(diffusion.interval_eps(model, x, ts[0], y, 2.0, interval=interval),
+                       guided_eps(model, x, 0, y))
     # a whole sample: 2 forwards per image inside the interval, 1 outside
     model = Counting()
     sample(model, x, y, 20, 2.0, guidance=diffusion.Guidance("interval", interval=interval))
@@ -155,9 +163,11 @@ def test_sigma_is_the_noise_to_signal_ratio():
 def test_guidance_object_dispatches_to_each_formula():
     x, y = torch.zeros(2, 1, 2, 2), torch.tensor([0, 2])
     weak = Constant(0.25)
-    assert torch.equal(diffusion.CFG(Counting(), x, 999, y, 2.0, 1.0), guided_eps(Counting(), x, 999, y, 2.0, 1.0))
+    assert torch.equal(diffusion.CFG(Counting(), x, 999, y, 2.0, 1.0),
+                       guided_eps(Counting(), x, 999, y, 2.0, 1.0))
     auto = diffusion.Guidance("autoguidance", weak=weak)
-    assert torch.equal(auto(Counting(), x, 999, y, 2.0), diffusion.autoguided_eps(Counting(), x, 999, y, 2.0, weak))
+    assert torch.equal(auto(Counting(), x, 999, y, 2.0),
+                       diffusion.autoguided_eps(Counting(), x, 999, y, 2.0, weak))
     assert auto.networks() == [weak] and diffusion.CFG.networks() == []
     with pytest.raises(ValueError):
         diffusion.Guidance("autoguidance")
@@ -187,7 +197,8 @@ def test_predicted_x0_per_step(tiny_unet):
 
 @pytest.mark.parametrize("sampler", list(diffusion.SAMPLERS))
 def test_every_sampler_follows_q_sample_with_the_oracle_eps(sampler):
-    """With the ideal eps for one x0, every step of every sampler is on the forward process: x0 at the end."""
+    """With the ideal eps for one x0, every step of every sampler is on the forward process: x0 at
+    the end."""
     x0 = torch.randn(2, 3, 4, 4, dtype=torch.float64)
     eps = torch.randn(2, 3, 4, 4, dtype=torch.float64)
     x_T = q_sample(x0, torch.full((2,), 999), eps)
@@ -196,8 +207,9 @@ def test_every_sampler_follows_q_sample_with_the_oracle_eps(sampler):
 
 
 class GaussianDataEps(torch.nn.Module):
-    """The exact eps for data x0 ~ N(0, s^2 I): E[eps | x_t] = sigma_t x_t / (alpha_t^2 s^2 + sigma_t^2).
-    Its probability-flow ODE keeps x_t / sqrt(alpha_t^2 s^2 + sigma_t^2) fixed, a closed-form endpoint."""
+    """The exact eps for data x0 ~ N(0, s^2 I): E[eps | x_t] = sigma_t x_t / (alpha_t^2
+    s^2 + sigma_t^2). Its probability-flow ODE keeps x_t / sqrt(alpha_t^2 s^2 + sigma_t^2) fixed, a
+    closed-form endpoint."""
     num_classes = 1
 
     def __init__(self, s):
@@ -216,7 +228,8 @@ def test_samplers_against_the_closed_form_ode_solution():
     y = torch.zeros(64, dtype=torch.long)
 
     def error(sampler, steps):
-        return ((sample(GaussianDataEps(s), x_T, y, steps, sampler=sampler) - exact).norm() / exact.norm()).item()
+        return ((sample(GaussianDataEps(s), x_T, y, steps, sampler=sampler)
+                 - exact).norm() / exact.norm()).item()
     # Euler in EDM's variables is DDIM for an eps-prediction model (Karras et al. 2022, Sec. 3)
     assert torch.allclose(sample(GaussianDataEps(s), x_T, y, 10, sampler="euler"),
                           sample(GaussianDataEps(s), x_T, y, 10, sampler="ddim"), atol=1e-10)
@@ -227,17 +240,20 @@ def test_samplers_against_the_closed_form_ode_solution():
 
 
 def test_min_snr_weighting():
-    """Min-SNR-gamma for eps-prediction: each sample's squared error weighted by min(SNR_t, gamma) / SNR_t."""
+    """Min-SNR-gamma for eps-prediction: each sample's squared error weighted by min(SNR_t,
+    gamma) / SNR_t."""
     class Zero(torch.nn.Module):
         def forward(self, x, t, y):
             return torch.zeros_like(x)
 
     x0, y = torch.randn(6, 3, 4, 4), torch.tensor([0, 1, 2, 0, 1, 2])
-    loss = lambda **k: diffusion.training_loss(Zero(), x0, y, 3, 0.0, torch.Generator().manual_seed(5), **k)  # noqa: E731
+    loss = lambda **k: diffusion.training_loss(  # noqa: E731
+        Zero(), x0, y, 3, 0.0, torch.Generator().manual_seed(5), **k)
     gen = torch.Generator().manual_seed(5)  # the same draws, written out
     t, eps = torch.randint(0, 1000, (6,), generator=gen), torch.randn(x0.shape, generator=gen)
     snr = ABAR[t] / (1 - ABAR[t])
     expected = ((eps ** 2).mean((1, 2, 3)) * snr.clamp(max=5.0) / snr).mean()
     assert loss(min_snr=5.0).item() == pytest.approx(expected.item(), rel=1e-5)
     assert loss().item() == pytest.approx((eps ** 2).mean().item(), rel=1e-6)  # off: the plain loss
-    assert loss(min_snr=1e12).item() == pytest.approx(loss().item(), rel=1e-5)  # gamma above every SNR: no weight
+    # gamma above every SNR: no weight
+    assert loss(min_snr=1e12).item() == pytest.approx(loss().item(), rel=1e-5)

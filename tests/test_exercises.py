@@ -1,5 +1,5 @@
-"""make_assignment.py and EXERCISES.md: each exercise's grading command fails on a fresh student copy and
-passes on this repository, every marked body really is gone, and nothing else changes."""
+"""make_assignment.py and EXERCISES.md: each exercise's grading command fails on a fresh student
+copy and passes on this repository, every marked body really is gone, and nothing else changes."""
 import ast
 import os
 import re
@@ -13,17 +13,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import make_assignment  # noqa: E402
 
-COMMANDS = re.findall(r"^    (python -m pytest .+)$", open(os.path.join(ROOT, "EXERCISES.md")).read(), re.M)
+COMMANDS = re.findall(r"^    (python -m pytest .+)$",
+                      open(os.path.join(ROOT, "EXERCISES.md")).read(), re.M)
 
 
 def make(out, *extra):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "make_assignment.py"), "--out", str(out), *extra],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, os.path.join(ROOT, "make_assignment.py"), "--out",
+                           str(out), *extra], capture_output=True, text=True, timeout=120)
 
 
 def grade(command, cwd):
     argv = shlex.split(command)
-    return subprocess.run([sys.executable, *argv[1:]], cwd=cwd, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, *argv[1:]], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,8 @@ def functions(tree):
         if isinstance(node, ast.FunctionDef):
             found[node.name] = node
         elif isinstance(node, ast.ClassDef):
-            found.update({f"{node.name}.{f.name}": f for f in node.body if isinstance(f, ast.FunctionDef)})
+            found.update({f"{node.name}.{f.name}": f for f in node.body
+                          if isinstance(f, ast.FunctionDef)})
     return found
 
 
@@ -50,7 +53,8 @@ def test_every_marked_body_raises_and_every_other_file_is_byte_identical(student
     for rel in files:
         original = open(os.path.join(ROOT, rel), "rb").read()
         copy = open(os.path.join(student, rel), "rb").read()
-        names = [name for name, _, _ in make_assignment.solutions(original.decode())] if rel.endswith(".py") else []
+        names = ([name for name, _, _ in make_assignment.solutions(original.decode())]
+                 if rel.endswith(".py") else [])
         if not names:
             assert copy == original, rel
             continue
@@ -58,30 +62,39 @@ def test_every_marked_body_raises_and_every_other_file_is_byte_identical(student
         defs = functions(ast.parse(copy.decode()))
         for name in names:
             body = defs[name].body
-            assert isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str), name  # docstring
+            # docstring
+            assert (isinstance(body[0].value, ast.Constant)
+                    and isinstance(body[0].value.value, str)), name
             assert len(body) == 2 and isinstance(body[1], ast.Raise), name
-            assert body[1].exc.func.id == "NotImplementedError" and name in body[1].exc.args[0].value
+            assert (body[1].exc.func.id == "NotImplementedError"
+                    and name in body[1].exc.args[0].value)
             marked += 1
-    assert marked >= 7  # ddim_coeffs, guided_eps, LoRA (2), Refiner.forward, msd_loss, full_loss, a sampler
+    # ddim_coeffs, guided_eps, LoRA (2), Refiner.forward, msd_loss, full_loss, a sampler
+    assert marked >= 7
 
 
 def test_each_grading_command_fails_on_the_student_copy_and_passes_here(student):
     assert len(COMMANDS) >= 6
     for command in COMMANDS:
         here = grade(command, ROOT)
-        assert here.returncode == 0 and " passed" in here.stdout and "failed" not in here.stdout, (command, here.stdout)
+        assert (here.returncode == 0 and " passed" in here.stdout
+                and "failed" not in here.stdout), (command, here.stdout)
         there = grade(command, student)
-        assert there.returncode != 0 and "NotImplementedError" in there.stdout, (command, there.stdout[-2000:])
+        assert there.returncode != 0 and "NotImplementedError" in there.stdout, \
+            (command, there.stdout[-2000:])
 
 
 def graded():
-    """[(number, functions, command, promised count)] of EXERCISES.md's graded exercises, in its order; a
-    function is named as make_assignment.py --only takes it ('noiserefine.LoRA.forward' -> 'LoRA.forward')."""
+    """[(number, functions, command, promised count)] of EXERCISES.md's graded exercises, in its
+    order; a function is named as make_assignment.py --only takes it
+    ('noiserefine.LoRA.forward' -> 'LoRA.forward')."""
     text, found = open(os.path.join(ROOT, "EXERCISES.md")).read(), []
-    for number, names, body in re.findall(r"^## (\d+)\. [^\n]*?: (`[^\n]+`)\n(.*?)(?=^## |\Z)", text, re.M | re.S):
+    for number, names, body in re.findall(r"^## (\d+)\. [^\n]*?: (`[^\n]+`)\n(.*?)(?=^## |\Z)",
+                                          text, re.M | re.S):
         command = re.search(r"^    (python -m pytest .+)$", body, re.M)
         promised = re.search(r"Passing: `(\d+) passed`", body)
-        names = [n.split(".", 1)[1] if os.path.isfile(os.path.join(ROOT, n.split(".")[0] + ".py")) else n
+        names = [n.split(".", 1)[1]
+                 if os.path.isfile(os.path.join(ROOT, n.split(".")[0] + ".py")) else n
                  for n in re.findall(r"`([\w.]+)`", names)]
         found.append((int(number), names, command.group(1), int(promised.group(1))))
     return found
@@ -98,8 +111,10 @@ def test_the_exercises_solved_in_order_each_pass_with_the_count_they_promise(tmp
         if later:
             assert make(copy, "--only", *later).returncode == 0
         result = grade(command, copy if later else ROOT)
-        assert result.returncode == 0 and re.search(rf"(^|\s){promised} passed", result.stdout), (number, result.stdout[-1500:])
-        assert "failed" not in result.stdout and "error" not in result.stdout.lower(), (number, result.stdout[-1500:])
+        assert result.returncode == 0 and re.search(rf"(^|\s){promised} passed", result.stdout), \
+            (number, result.stdout[-1500:])
+        assert "failed" not in result.stdout and "error" not in result.stdout.lower(), \
+            (number, result.stdout[-1500:])
 
 
 def test_only_blanks_the_named_functions(tmp_path):
@@ -107,7 +122,8 @@ def test_only_blanks_the_named_functions(tmp_path):
     assert "raise NotImplementedError" not in open(tmp_path / "one" / "diffusion.py").read()
     msd = next(c for c in COMMANDS if "msd_gradient" in c)
     ddim = next(c for c in COMMANDS if "coefficients" in c)
-    assert grade(msd, tmp_path / "one").returncode != 0 and grade(ddim, tmp_path / "one").returncode == 0
+    assert (grade(msd, tmp_path / "one").returncode != 0
+            and grade(ddim, tmp_path / "one").returncode == 0)
 
 
 def test_refuses_the_repository_and_a_non_empty_folder(tmp_path):

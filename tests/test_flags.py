@@ -1,9 +1,9 @@
-"""Every flag of every entry point, fuzzed from the parsers themselves (so a new flag is fuzzed without
-anyone writing a case): each hostile value a flag's type refuses must end in exactly one line, `error: `
-naming the flag, exit status 2, no traceback, and nothing written. Values a flag's type accepts (a
-seed of 0, a path that does not exist yet as --out) would start real work, so they are not run here; the
-validators' domains are what decides, and `test_every_flag_that_takes_a_value_is_validated` makes sure
-that every flag has one.
+"""Every flag of every entry point, fuzzed from the parsers themselves (so a new flag is fuzzed
+without anyone writing a case): each hostile value a flag's type refuses must end in exactly one
+line, `error: ` naming the flag, exit status 2, no traceback, and nothing written. Values a flag's
+type accepts (a seed of 0, a path that does not exist yet as --out) would start real work, so they
+are not run here; the validators' domains are what decides, and
+`test_every_flag_that_takes_a_value_is_validated` makes sure that every flag has one.
 """
 import argparse
 import importlib
@@ -12,11 +12,11 @@ import os
 import pytest
 
 ENTRY_POINTS = {  # script: the arguments a run needs besides the fuzzed flag
-    "train_teacher": [], "train_refiner": [], "sample": [], "evaluate": [], "analyze": ["diff"], "ablate": [],
-    "bench": [], "make_assignment": ["--out", "student"], "study": [],
+    "train_teacher": [], "train_refiner": [], "sample": [], "evaluate": [], "analyze": ["diff"],
+    "ablate": [], "bench": [], "make_assignment": ["--out", "student"], "study": [],
 }
-HOSTILE = ["0", "-1", "-0.5", "nan", "inf", "-inf", "1e30", "99999999999999999999", "", " ", "abc", "{missing}",
-           "{folder}", "{empty}", "{text}", "{under_a_file}"]
+HOSTILE = ["0", "-1", "-0.5", "nan", "inf", "-inf", "1e30", "99999999999999999999", "", " ", "abc",
+           "{missing}", "{folder}", "{empty}", "{text}", "{under_a_file}"]
 
 
 def valued_flags(script):
@@ -26,7 +26,8 @@ def valued_flags(script):
 
 
 def refuses(action, value):
-    """Whether the flag's own type or choices turn the value down (argparse's order: type, then choices)."""
+    """Whether the flag's own type or choices turn the value down (argparse's order: type, then
+    choices)."""
     try:
         converted = action.type(value) if action.type else value
     except (argparse.ArgumentTypeError, ValueError, TypeError):
@@ -56,7 +57,8 @@ def test_every_flag_that_takes_a_value_is_validated(script):
 
 
 @pytest.mark.parametrize("script", ENTRY_POINTS)
-def test_every_refused_value_of_every_flag_is_one_line_naming_it(script, hostile, tmp_path, monkeypatch, capsys):
+def test_every_refused_value_of_every_flag_is_one_line_naming_it(
+        script, hostile, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     main = importlib.import_module(script).main
     before, cases, failures = tree(tmp_path), 0, []
@@ -70,7 +72,8 @@ def test_every_refused_value_of_every_flag_is_one_line_naming_it(script, hostile
             with pytest.raises(SystemExit) as e:
                 main([*ENTRY_POINTS[script], flag, *values])
             err = capsys.readouterr().err.strip().splitlines()
-            if e.value.code != 2 or len(err) != 1 or not err[0].startswith("error: ") or flag not in err[0]:
+            if (e.value.code != 2 or len(err) != 1 or not err[0].startswith("error: ")
+                    or flag not in err[0]):
                 failures.append((flag, value, e.value.code, err))
     assert not failures, failures
     assert tree(tmp_path) == before  # nothing written, not even an empty --out folder

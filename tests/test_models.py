@@ -48,21 +48,23 @@ def test_identity_attention_returns_the_values():
 
 
 # (min, max) parameters in millions; the CIFAR ones are "roughly DiT-S/2 and DDPM-CIFAR size"
-PRESET_SIZES = {"dit-tiny": (0.5, 3), "unet-tiny": (0.3, 1.5), "dit-cifar": (30, 40), "unet-cifar": (30, 40),
-                "dit-imagenet64": (40, 80), "unet-imagenet64": (60, 130)}
+PRESET_SIZES = {"dit-tiny": (0.5, 3), "unet-tiny": (0.3, 1.5), "dit-cifar": (30, 40),
+                "unet-cifar": (30, 40), "dit-imagenet64": (40, 80), "unet-imagenet64": (60, 130)}
 
 
 @pytest.mark.parametrize("preset", sorted(PRESET_SIZES))
 def test_preset_parameter_counts(preset):
     lo, hi = PRESET_SIZES[preset]
-    n = sum(p.numel() for p in build_model(model_config(preset, 10 if "imagenet" not in preset else 1000)).parameters())
+    n = sum(p.numel() for p in build_model(
+        model_config(preset, 10 if "imagenet" not in preset else 1000)).parameters())
     assert lo * 1e6 <= n <= hi * 1e6, f"{preset}: {n / 1e6:.2f}M"
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_config_rebuilds_the_same_model(arch):
     model = tiny_model(arch)
-    again = build_model(model.config.__dict__ if hasattr(model.config, "__dict__") else model.config)
+    again = build_model(model.config.__dict__ if hasattr(model.config, "__dict__")
+                        else model.config)
     again.load_state_dict(model.state_dict())
     x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([1, 2]), torch.tensor([0, 1])
     assert torch.equal(model(x, t, y), again.eval()(x, t, y))

@@ -15,7 +15,8 @@ ARCHS = ["dit", "unet"]
 
 def batch(n=3, size=8, num_classes=4, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, 3, size, size, generator=g), torch.randint(num_classes, (n,), generator=g),
+    return (torch.randn(n, 3, size, size, generator=g),
+            torch.randint(num_classes, (n,), generator=g),
             torch.randn(n, 3, size, size, generator=g).clamp(-1, 1))
 
 
@@ -96,7 +97,8 @@ def test_the_full_loss_does_backpropagate_through_the_teacher():
     teacher = Nonlinear()
     x_T, y, x0_guide = (t.double() if t.is_floating_point() else t for t in batch())
     with torch.no_grad():
-        formula = prod_a(5) * 2 * (sample(teacher, x_T, y, steps=5) - x0_guide) / x0_guide.numel()  # L_MSD's
+        # L_MSD's
+        formula = prod_a(5) * 2 * (sample(teacher, x_T, y, steps=5) - x0_guide) / x0_guide.numel()
     x_full = x_T.clone().requires_grad_(True)
     full_loss(teacher, x_full, y, x0_guide, steps=5).backward()
     assert teacher.scale.grad is not None
@@ -151,7 +153,8 @@ def test_lora_merged_and_unmerged_agree(layer):
 
 
 def test_lora_forward_is_the_base_plus_the_scaled_low_rank_update():
-    """LoRA (Hu et al.): h = W x + b + (alpha / r) B A x, with A = down (r x in), B = up (out x r)."""
+    """LoRA (Hu et al.): h = W x + b + (alpha / r) B A x, with A = down (r x in), B = up (out x
+    r)."""
     layer = nn.Linear(6, 5)
     lora = LoRA(layer, rank=2, alpha=6)
     nn.init.normal_(lora.up.weight)
@@ -177,9 +180,11 @@ def test_lora_adapters_and_trainable_parameters(arch):
 
 
 def test_add_lora_counts_and_skips():
-    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Sequential(nn.Conv2d(1, 1, 1), nn.Linear(4, 2)))
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(),
+                        nn.Sequential(nn.Conv2d(1, 1, 1), nn.Linear(4, 2)))
     assert add_lora(net, 2, 2, skip=[net[2][1]]) == 2
-    assert isinstance(net[0], LoRA) and isinstance(net[2][0], LoRA) and isinstance(net[2][1], nn.Linear)
+    assert (isinstance(net[0], LoRA) and isinstance(net[2][0], LoRA)
+            and isinstance(net[2][1], nn.Linear))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,7 +208,8 @@ def test_msd_training_reduces_held_out_loss_and_leaves_the_teacher_alone():
 
     def held_out_loss():
         with torch.no_grad():
-            return msd_loss(teacher, refiner(held_out[0], held_out[1]), held_out[1], held_out[2], 4).item()
+            return msd_loss(teacher, refiner(held_out[0], held_out[1]), held_out[1],
+                            held_out[2], 4).item()
 
     start = held_out_loss()
     for step in range(200):

@@ -1,5 +1,5 @@
-"""The README's paper-to-code table names real functions and tests, and every relative link of the README,
-EXERCISES.md and docs/ resolves to a file and heading, so the map cannot rot."""
+"""The README's paper-to-code table names real functions and tests, and every relative link of the
+README, EXERCISES.md and docs/ resolves to a file and heading, so the map cannot rot."""
 import importlib
 import os
 import re
@@ -21,8 +21,8 @@ def test_every_row_names_code():
 
 
 def test_every_named_function_and_test_exists():
-    tests = "".join(open(os.path.join(ROOT, "tests", f)).read() for f in os.listdir(os.path.join(ROOT, "tests"))
-                    if f.endswith(".py"))
+    tests = "".join(open(os.path.join(ROOT, "tests", f)).read()
+                    for f in os.listdir(os.path.join(ROOT, "tests")) if f.endswith(".py"))
     checked = 0
     for name in map_names()[1]:
         name = name.split("(")[0]
@@ -30,9 +30,11 @@ def test_every_named_function_and_test_exists():
         if test.startswith("test_"):
             assert f"def {test}(" in tests, f"README names a test that does not exist: {name}"
             checked += 1
-        elif re.fullmatch(r"\w+\.\w+", name) and os.path.isfile(os.path.join(ROOT, name.split(".")[0] + ".py")):
+        elif (re.fullmatch(r"\w+\.\w+", name)
+              and os.path.isfile(os.path.join(ROOT, name.split(".")[0] + ".py"))):
             module, attr = name.split(".")
-            assert hasattr(importlib.import_module(module), attr), f"README names missing code: {name}"
+            assert hasattr(importlib.import_module(module), attr), \
+                f"README names missing code: {name}"
             checked += 1
     assert checked >= 20
 
@@ -43,7 +45,8 @@ def anchor(heading):
 
 
 def test_every_relative_link_in_the_readme_and_docs_resolves():
-    pages = ["README.md", "EXERCISES.md"] + [os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs"))
+    pages = ["README.md", "EXERCISES.md"] + [os.path.join("docs", f)
+                                             for f in os.listdir(os.path.join(ROOT, "docs"))
                                              if f.endswith(".md")]
     checked = 0
     for page in pages:
@@ -52,10 +55,12 @@ def test_every_relative_link_in_the_readme_and_docs_resolves():
             if target.startswith(("http://", "https://")):
                 continue
             path, _, fragment = target.partition("#")
-            file = os.path.normpath(os.path.join(ROOT, os.path.dirname(page), path)) if path else os.path.join(ROOT, page)
+            file = (os.path.normpath(os.path.join(ROOT, os.path.dirname(page), path)) if path
+                    else os.path.join(ROOT, page))
             assert os.path.isfile(file), f"{page} links to a missing file: {target}"
             if fragment:
                 headings = re.findall(r"^#+ (.+)$", open(file).read(), flags=re.M)
-                assert fragment in {anchor(h) for h in headings}, f"{page} links to a missing heading: {target}"
+                assert fragment in {anchor(h) for h in headings}, \
+                    f"{page} links to a missing heading: {target}"
             checked += 1
     assert checked >= 15
