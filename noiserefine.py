@@ -277,7 +277,7 @@ def fit(refiner, teacher, train_pairs, val, s, device, ckpt_path, meta, resume=F
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            run.step = step + 1
+            run.step = keeper.step = step + 1
             bar.set_postfix(loss=f"{loss.item() / scale:.3e}", best_val=f"{run.best / scale:.3e}")
             if run.step % s.val_every == 0 or run.step == s.steps:
                 val_loss = validation_loss(refiner, teacher, val, s.msd_steps, device, s.amp)

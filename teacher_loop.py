@@ -154,6 +154,7 @@ def fit(s, out, device, resume=False, stop_at=None, compile=False, rank=0, world
             # warm-up cap: docs/speed.md
             update_ema(ema, model, min(s.ema, (1 + step) / (10 + step)))
             step += 1
+            keeper.step = step
             bar.set_postfix(
                 loss=f"{losses[-1]:.4f}",
                 img_s=f"{(step - first) * s.batch_size / (time.perf_counter() - start):.0f}")
