@@ -613,6 +613,43 @@ FRONTIER_W = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0)
 FRONTIER_STEPS = (5, 10, 20, 50)
 
 
+def other_ways(ctx):
+    """The other ways to spend about N to 2N forwards at ctx.steps, each at its own table's scale:
+    refined noise with a little CFG on top (2N + 1), autoguidance with the teacher's kept weak
+    checkpoint (2N: the weak model's forward replaces the unconditional one), and CFG only on the
+    guidance interval (fewer than 2N). Guidance distillation and NPNet need a training run each:
+    ablate.py's distill and npnet rows."""
+    weak = get_weak(ctx.teacher_path, str(next(ctx.teacher.parameters()).device))[0]
+    auto_w = sum(GUIDANCES["autoguidance"]["w_range"]) / 2
+    return {"refined + cfg w=0.5": dict(refiner=ctx.refiner, w=0.5),
+            f"autoguidance w={auto_w:g}": dict(w=auto_w, guidance=Guidance("autoguidance",
+                                                                            weak=weak)),
+            f"interval w={DISPLAY_W:g}": dict(w=DISPLAY_W, guidance=Guidance("interval",
+                                                                             interval=INTERVAL))}
+
+
+def frontier_points(ctx, x_T, y):
+    """The frontier's points, each tagged with its series: "cfg" (w = DISPLAY_W at each step
+    count), "refined", "cfg over w" (the sweep at ctx.steps), "unguided", and one per other way."""
+    # first: a teacher without its weak checkpoint stops here, before any sampling
+    others, points = other_ways(ctx), []
+    for steps in sorted(set(FRONTIER_STEPS) | {ctx.steps}):
+        regimes = {f"cfg w={w:g}": dict(w=w)
+                   for w in (FRONTIER_W if steps == ctx.steps else (DISPLAY_W,))}
+        extra = others if steps == ctx.steps else {}
+        rows, _, _, _ = run_regimes(ctx.teacher, ctx.judge, x_T, y,
+                                    {**regimes, "refined": dict(refiner=ctx.refiner), **extra},
+                                    steps)
+        for name, row in rows.items():
+            if name == "refined" or name in extra:
+                points.append(frontier_point(name, row))
+                continue
+            points.append(frontier_point("cfg" if row["w"] == DISPLAY_W else "cfg over w", row))
+            if steps == ctx.steps and row["w"] in (0.0, DISPLAY_W):
+                points.append(frontier_point("cfg over w" if row["w"] else "unguided", row))
+    return points
+
+
 def frontier_point(series, row):
     keys = ("steps", "w", "class_acc", "fd_cls", "precision", "recall", "nfe_per_image",
             "sec_per_image")
@@ -622,25 +659,13 @@ def frontier_point(series, row):
 
 def analysis_frontier(ctx):
     """A final table, so on the *test* bank (nothing is chosen from it), every point judged with its
-    95% interval: Gaussian noise with CFG over FRONTIER_W at ctx.steps (the guidance trade-off), and
+    95% interval: Gaussian noise with CFG over FRONTIER_W at ctx.steps (the guidance trade-off);
     CFG at w = DISPLAY_W against refined noise at FRONTIER_STEPS DDIM steps (the budget axis:
-    refined at N steps pays N + 1 forwards, CFG 2N). Forwards are counted by hooks; time per image
-    from interleaved rounds. Writes frontier.json, frontier.csv and frontier.png
-    (docs/frontier.png: --out docs)."""
+    refined at N steps pays N + 1 forwards, CFG 2N); and the other ways at ctx.steps
+    (other_ways). Forwards are counted by hooks; time per image from interleaved rounds. Writes
+    frontier.json, frontier.csv and frontier.png (docs/frontier.png: --out docs)."""
     x_T, y = noises.bank("test", ctx.n, ctx.K, (3, ctx.size, ctx.size))
-    points = []
-    for steps in sorted(set(FRONTIER_STEPS) | {ctx.steps}):
-        regimes = {f"cfg w={w:g}": dict(w=w)
-                   for w in (FRONTIER_W if steps == ctx.steps else (DISPLAY_W,))}
-        rows, _, _, _ = run_regimes(ctx.teacher, ctx.judge, x_T, y,
-                                    {**regimes, "refined": dict(refiner=ctx.refiner)}, steps)
-        for name, row in rows.items():
-            series = ("refined" if name == "refined" else "cfg" if row["w"] == DISPLAY_W
-                      else "cfg over w")
-            points.append(frontier_point(series, row))
-            if steps == ctx.steps and row["w"] in (0.0, DISPLAY_W) and name != "refined":
-                points.append(frontier_point("cfg over w", row) if row["w"] == DISPLAY_W else
-                              frontier_point("unguided", row))
+    points = frontier_points(ctx, x_T, y)
     header = ["series", "steps", "w", "forwards / image", "ms / image", "class acc [95% CI]",
               "FD_cls [95% CI]", "precision", "recall"]
     cells = [[p["series"], p["steps"], f"{p['w']:g}", f"{p['nfe_per_image']:g}",
@@ -653,7 +678,8 @@ def analysis_frontier(ctx):
     print(f"{len(y)} test-bank noises; CFG at w = {DISPLAY_W:g} on the budget axis; the w sweep at "
           f"{ctx.steps} steps")
     print_table(header, cells)
-    save_json({"points": points, "n": len(y), "bank": "test", "teacher": ctx.teacher_path},
+    save_json({"points": points, "n": len(y), "bank": "test",
+               "teacher": data.portable_dir(ctx.teacher_path)},
               os.path.join(ctx.out, "frontier.json"))
     print("wrote", write_csv(ctx, "frontier", header, cells), "and frontier.json")
     print("wrote", draw_frontier(points, ctx.steps, os.path.join(ctx.out, "frontier.png")))
@@ -662,21 +688,24 @@ def analysis_frontier(ctx):
 
 def draw_frontier(points, steps, path):
     """Four panels: FD_cls and class accuracy against forwards per image (log axis), CFG and refined
-    noise over the step counts; accuracy against FD_cls and precision against recall over CFG's w,
-    refined beside."""
+    noise over the step counts, unguided and the other ways as single points; accuracy against
+    FD_cls and precision against recall over CFG's w, refined beside."""
     # [(x, y, y_lo, y_hi, tag)], the interval where there is one
     def marks(series, x, y, tag, at=None):
         return [(p[x], p[y], *p["ci"].get(y, (p[y], p[y])), tag(p)) for p in points
                 if p["series"] == series and at in (None, p["steps"])]
-    budget = {"cfg": f"Gaussian + CFG w={DISPLAY_W:g}", "refined": "refined, unguided",
-              "unguided": "Gaussian, unguided"}
+    curves = {"cfg": f"Gaussian + CFG w={DISPLAY_W:g}", "refined": "refined, unguided"}
+    # the single points at `steps`: no guidance, and the other ways (other_ways)
+    single = sorted({p["series"] for p in points} - {*curves, "cfg over w"})
+    budget = {**curves, **{k: "Gaussian, unguided" if k == "unguided" else k for k in single}}
     panels = [dict(title=f"{label} against cost; labels: DDIM steps", xlabel="forwards per image",
-                   ylabel=label.split(" (")[0], logx=True,
-                   series=[(name, marks(k, "nfe_per_image", y, lambda p: f"{p['steps']}"),
-                            k != "unguided")
+                   ylabel=label.split(" (")[0], logx=True, legend=corner,
+                   series=[(name, marks(k, "nfe_per_image", y,
+                                        lambda p: f"{p['steps']}" if p["series"] in curves else ""),
+                            k in curves)
                            for k, name in budget.items()])
-              for y, label in (("fd_cls", "FD_cls (lower is better)"),
-                               ("class_acc", "class accuracy"))]
+              for y, label, corner in (("fd_cls", "FD_cls (lower is better)", "top right"),
+                                       ("class_acc", "class accuracy", "bottom right"))]
     panels += [dict(title=f"{y} against {x} at {steps} steps; labels: CFG's w",
                     xlabel=x.replace("fd_", "FD_"), ylabel=y,
                     series=[("Gaussian + CFG over w",

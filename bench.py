@@ -443,6 +443,15 @@ def fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
 
+def memory_ratio(rows, r, **match):
+    """r's peak memory over that of the row measured beside it (same model and step count) that
+    differs in `match`; None where either was not measured."""
+    other = next(o for o in rows if all(o[k] == v for k, v in match.items())
+                 and all(o[k] == r[k] for k in ("model", "steps", "N") if k in r))
+    return (r["peak_mem_mb"] / other["peak_mem_mb"]
+            if r["peak_mem_mb"] and other["peak_mem_mb"] else None)
+
+
 def print_sampling(rows):
     print(f"\n== sampling: Gaussian unguided, Gaussian + CFG (w = {DISPLAY_W:g}), "
           "refined unguided; img/s: median [min-max] of the rounds")
@@ -460,10 +469,7 @@ def print_sampling(rows):
     cells = []
     for r in rows:
         if r["regime"] == "refined":
-            cfg = next(c for c in rows if c["regime"] == "cfg" and c["model"] == r["model"]
-                       and c["steps"] == r["steps"])
-            mem = (r["peak_mem_mb"] / cfg["peak_mem_mb"] if r["peak_mem_mb"] and cfg["peak_mem_mb"]
-                   else None)
+            mem = memory_ratio(rows, r, regime="cfg")
             cells.append([r["model"], r["steps"], ratio_text(r["refined_over_cfg"]),
                           f"{r['limit']:.3f}x", ratio_text(r["batch_premium"]),
                           f"{r['limit_times_premium']:.2f}x", fmt(mem, ".2f") + "x"])
@@ -478,13 +484,10 @@ def print_msd(rows):
     for r in rows:
         extra = ["", "", ""]
         if r["loss"] == "full":
-            msd = next(m for m in rows if m["loss"] == "msd" and m["model"] == r["model"]
-                       and m["N"] == r["N"])
+            mem = memory_ratio(rows, r, loss="msd")
             if r.get("oom"):
                 extra = ["out of memory", "", ""]
             else:
-                mem = (r["peak_mem_mb"] / msd["peak_mem_mb"]
-                       if r["peak_mem_mb"] and msd["peak_mem_mb"] else None)
                 extra = [ratio_text(r["full_over_msd"]), f"{(2 * r['N'] + 3) / (r['N'] + 3):.2f}x",
                          fmt(mem, ".1f") + "x"]
         cells.append([r["model"], r["N"], r["loss"], r["batch"], fmt(r["sec_per_step"], ".3f"),

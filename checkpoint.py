@@ -95,7 +95,7 @@ class Keeper:
         # write: False off rank 0
         self.path, self.every, self.state, self.write = path, every, state, write
         self.saved = step  # the step of the checkpoint on disk (None: none yet)
-        self.step = step or 0
+        self.step = step or 0  # steps done: the loop moves it on after each step (Ctrl-C says it)
 
     def save(self, step, path=None):
         """Write the checkpoint of `step`; with `path`, a copy elsewhere that is not the kept
@@ -112,8 +112,7 @@ class Keeper:
                 "--resume continues from it")
 
     def check(self, loss, step, what="loss"):
-        """Record the step; stop in one line if the loss is not finite."""
-        self.step = step
+        """Stop in one line if the loss of `step` is not finite."""
         if not math.isfinite(loss):
             raise BadInput(f"{what} is {loss} at step {step}; {self.kept()}")
 

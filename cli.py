@@ -53,16 +53,21 @@ def flag_type(domain):
     return mark
 
 
+def converted(text, convert, kind):
+    """convert(text), or the flag's one-line error naming what was expected."""
+    try:
+        return convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+
+
 def integer(lo, hi=None):
     """An integer in lo..hi (no hi: below 2^62, which no count here comes near)."""
     domain = f"an integer in {lo}..{hi}" if hi is not None else f"an integer >= {lo} (below 2^62)"
 
     @flag_type(domain)
     def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        value = converted(text, int, "an integer")
         if not lo <= value <= (hi if hi is not None else 2 ** 62):
             raise argparse.ArgumentTypeError(f"expected {domain}, got {value}")
         return value
@@ -75,10 +80,7 @@ def number(lo, hi, lo_open=False, hi_open=False):
 
     @flag_type(domain)
     def parse(text):
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        value = converted(text, float, "a number")
         inside = ((lo < value if lo_open else lo <= value)
                   and (value < hi if hi_open else value <= hi))
         if not math.isfinite(value) or not inside:

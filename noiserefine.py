@@ -257,40 +257,53 @@ def fit(refiner, teacher, train_pairs, val, s, device, ckpt_path, meta, resume=F
            else fresh(refiner, teacher, val, s, device))
     keeper = Keeper(ckpt_path, s.val_every, lambda: checkpoint(refiner, opt, gen, run, meta),
                     run.step if resume else None)
-    # L_MSD / prod(a_t)^2 is what we print: to first order x_hat_0 moves prod(a_t) ~ 157 times as
-    # far as x_hat_T, so this is the squared size of the correction x_hat_T still lacks. We
-    # backpropagate L_MSD itself: divided by prod(a_t)^2 ~ 2.5e4, Adam's eps was no longer small
-    # next to sqrt(v).
-    scale = prod_a(s.msd_steps) ** 2
-    last = min(s.steps, stop_at or s.steps)
+    scale, last = prod_a(s.msd_steps) ** 2, min(s.steps, stop_at or s.steps)  # scale: see validate
     bar = tqdm(range(run.step, last), initial=run.step, total=s.steps, desc="refiner (MSD)")
     with keeper.on_interrupt():
         for step in bar:
-            for g in opt.param_groups:
-                g["lr"] = cosine_lr(step, s.steps, s.lr)
             idx = torch.randint(len(train_pairs["y"]), (s.batch_size,), generator=gen)
-            x_T, y, x0_guide = batch_of(train_pairs, idx, device)
-            refiner.train()
-            with autocast(device, s.amp):
-                loss = msd_loss(teacher, refiner(x_T, y), y, x0_guide, s.msd_steps)
-            keeper.check(loss.item(), step, "MSD loss")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            loss = msd_step(refiner, teacher, batch_of(train_pairs, idx, device), opt, step, s,
+                            device, keeper)
             run.step = keeper.step = step + 1
-            bar.set_postfix(loss=f"{loss.item() / scale:.3e}", best_val=f"{run.best / scale:.3e}")
+            bar.set_postfix(loss=f"{loss / scale:.3e}", best_val=f"{run.best / scale:.3e}")
             if run.step % s.val_every == 0 or run.step == s.steps:
-                val_loss = validation_loss(refiner, teacher, val, s.msd_steps, device, s.amp)
-                if val_loss < run.best:
-                    run.best, run.best_state = val_loss, refiner.trainable_state()
-                keeper.save(run.step)
-                tqdm.write(f"step {run.step}: validation L_MSD/prod(a)^2 {val_loss / scale:.4e} "
-                           f"(best {run.best / scale:.4e}); "
-                           f"eps-bound weights {eps_bound_share(opt):.2%}")
-            elif run.step == last:
+                validate(refiner, teacher, val, s, device, run, opt)
+            if run.step % s.val_every == 0 or run.step in (s.steps, last):
                 keeper.save(run.step)
     refiner.load_state_dict(run.best_state, strict=False)
     return refiner.eval()
+
+
+def msd_step(refiner, teacher, batch, opt, step, s, device, keeper):
+    """One optimiser step on L_MSD over a batch of pairs (x_T, c, x0_guide); returns the loss.
+
+    We backpropagate L_MSD itself, not L_MSD / prod(a_t)^2 (what we print): divided by ~2.5e4,
+    Adam's eps was no longer small next to sqrt(v)."""
+    for g in opt.param_groups:
+        g["lr"] = cosine_lr(step, s.steps, s.lr)
+    x_T, y, x0_guide = batch
+    refiner.train()
+    with autocast(device, s.amp):
+        loss = msd_loss(teacher, refiner(x_T, y), y, x0_guide, s.msd_steps)
+    value = loss.item()
+    keeper.check(value, step, "MSD loss")  # before the weights move
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return value
+
+
+def validate(refiner, teacher, val, s, device, run, opt):
+    """The validation L_MSD; the best weights so far are kept in `run`.
+
+    We print L_MSD / prod(a_t)^2: to first order x_hat_0 moves prod(a_t) ~ 157 times as far as
+    x_hat_T, so this is the squared size of the correction x_hat_T still lacks."""
+    val_loss = validation_loss(refiner, teacher, val, s.msd_steps, device, s.amp)
+    if val_loss < run.best:
+        run.best, run.best_state = val_loss, refiner.trainable_state()
+    scale = prod_a(s.msd_steps) ** 2
+    tqdm.write(f"step {run.step}: validation L_MSD/prod(a)^2 {val_loss / scale:.4e} "
+               f"(best {run.best / scale:.4e}); eps-bound weights {eps_bound_share(opt):.2%}")
 
 
 def fresh(refiner, teacher, val, s, device):

@@ -21,9 +21,10 @@ def ticks(lo, hi, log):
     return [step * k for k in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
 
 
-def panel(img, origin, title, xlabel, ylabel, series, logx=False):
+def panel(img, origin, title, xlabel, ylabel, series, logx=False, legend="top left"):
     """One panel at `origin`. series: [(label, [(x, y, y_lo, y_hi, tag)], connect)]; a point's
-    interval is drawn as a vertical bar, its tag (if any) written beside it."""
+    interval is drawn as a vertical bar, its tag (if any) written beside it. legend: the corner
+    that holds the series' labels ("top left", "top right", "bottom right", ...)."""
     draw = ImageDraw.Draw(img)
     x0, y0 = origin[0] + MARGIN[0], origin[1] + MARGIN[1] + 12
     w, h = PANEL[0] - MARGIN[0] - MARGIN[2], PANEL[1] - MARGIN[1] - MARGIN[3] - 12
@@ -56,7 +57,12 @@ def panel(img, origin, title, xlabel, ylabel, series, logx=False):
             draw.ellipse([X(x) - 3, Y(y) - 3, X(x) + 3, Y(y) + 3], fill=colour)
             if tag:
                 draw.text((X(x) + 5, Y(y) - 12), tag, fill=colour)
-        draw.text((x0 + 6, y0 + 4 + 12 * k), f"- {label}", fill=colour)
+    labels = [f"- {label}" for label, _, _ in series]
+    lx = (x0 + 6 if "left" in legend
+          else x0 + w - 6 - max(draw.textlength(t) for t in labels))
+    ly = y0 + 4 if "top" in legend else y0 + h - 4 - 12 * len(labels)
+    for k, text in enumerate(labels):
+        draw.text((lx, ly + 12 * k), text, fill=COLOURS[k % len(COLOURS)])
 
 
 def save_panels(panels, path, columns=2):

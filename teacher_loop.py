@@ -138,36 +138,48 @@ def fit(s, out, device, resume=False, stop_at=None, compile=False, rank=0, world
     start, first = time.perf_counter(), step
     with keeper.on_interrupt():
         for step in bar:
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, s)
-            x0, y = global_batch(train, s, gen, device, channels_last)
-            with autocast(device, s.amp):
-                loss = training_loss(net, x0, y, len(meta["classes"]), s.cond_drop, gen, mine,
-                                     s.min_snr)
-            # the global batch's: ranks agree
-            losses.append(distributed.mean_over_ranks(loss).item())
-            keeper.check(losses[-1], step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            # warm-up cap: docs/speed.md
-            update_ema(ema, model, min(s.ema, (1 + step) / (10 + step)))
+            batch = global_batch(train, s, gen, device, channels_last)
+            losses.append(teacher_step(net, model, ema, opt, batch, step, s, gen, mine,
+                                       len(meta["classes"]), device, keeper))
             step += 1
             keeper.step = step
             bar.set_postfix(
                 loss=f"{losses[-1]:.4f}",
                 img_s=f"{(step - first) * s.batch_size / (time.perf_counter() - start):.0f}")
-            if step % s.save_every == 0 or step == last:
-                keeper.save(step)
-            if step == s.weak_step:
-                keeper.save(step, weak_path(path, step))
-            if rank == 0 and (step % s.grid_every == 0 or step == s.steps):
-                write_grid(ema.eval(), meta["classes"], meta["image_size"], s.grid_w,
-                           os.path.join(out, f"samples_{step:06d}.png"), seed=s.seed)
+            keep(keeper, step, last, s, rank, ema, meta, out)
     if rank == 0:
         print(f"done: step {step}, checkpoint {path}, {time.perf_counter() - start:.0f} s")
     distributed.barrier()  # no rank leaves before rank 0 has written the checkpoint
+
+
+def teacher_step(net, model, ema, opt, batch, step, s, gen, mine, num_classes, device, keeper):
+    """One optimiser step on the eps-prediction loss (diffusion.training_loss), then the EMA.
+    Returns the global batch's loss (the same on every rank)."""
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, s)
+    x0, y = batch
+    with autocast(device, s.amp):
+        loss = training_loss(net, x0, y, num_classes, s.cond_drop, gen, mine, s.min_snr)
+    value = distributed.mean_over_ranks(loss).item()
+    keeper.check(value, step)  # before the weights move
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    update_ema(ema, model, min(s.ema, (1 + step) / (10 + step)))  # warm-up cap: docs/speed.md
+    return value
+
+
+def keep(keeper, step, last, s, rank, ema, meta, out):
+    """After `step` steps: the checkpoint, the weak model's copy (autoguidance) and the EMA's
+    sample grid, each at its own steps."""
+    if step % s.save_every == 0 or step == last:
+        keeper.save(step)
+    if step == s.weak_step:
+        keeper.save(step, weak_path(keeper.path, step))
+    if rank == 0 and (step % s.grid_every == 0 or step == s.steps):
+        write_grid(ema.eval(), meta["classes"], meta["image_size"], s.grid_w,
+                   os.path.join(out, f"samples_{step:06d}.png"), seed=s.seed)
 
 
 def global_batch(train, s, gen, device, channels_last=False):

@@ -92,6 +92,15 @@ def test_the_frontier_counts_n_plus_1_forwards_for_refined_noise_and_2n_for_cfg(
                 and all(p["nfe_per_image"] == forwards(p["steps"]) for p in mine))
     assert (sorted(p["w"] for p in points if p["series"] == "cfg over w")
             == sorted(analyze.FRONTIER_W))
+    # the other ways, once each at --steps 2, at their own forwards: 2N + 1, 2N, at most 2N
+    others = {p["series"]: p for p in points if p["series"] not in
+              ("refined", "cfg", "cfg over w", "unguided")}
+    assert {name.split(" w=")[0] for name in others} == {"refined + cfg", "autoguidance",
+                                                          "interval"}
+    assert all(p["steps"] == 2 for p in others.values())
+    forwards = {name.split(" w=")[0]: p["nfe_per_image"] for name, p in others.items()}
+    assert forwards["refined + cfg"] == 5 and forwards["autoguidance"] == 4
+    assert 2 <= forwards["interval"] <= 4
     assert all(p["ci"]["class_acc"][0] <= p["class_acc"] <= p["ci"]["class_acc"][1] for p in points)
     assert os.path.isfile(out / "frontier.png") and os.path.isfile(out / "frontier.csv")
 

@@ -73,6 +73,20 @@ def test_every_marked_body_raises_and_every_other_file_is_byte_identical(student
     assert marked >= 7
 
 
+def test_the_student_copy_holds_every_file_the_exercises_link_to(student):
+    """EXERCISES.md sends the student to docs/paper.md for each exercise: the copy must have it,
+    with each section heading an exercise names."""
+    text = open(os.path.join(student, "EXERCISES.md")).read()
+    links = {link for link in re.findall(r"\]\(([^)#]+)", text) if "://" not in link}
+    links |= set(re.findall(r"Read: (\S+\.md)", text))
+    assert "docs/paper.md" in links
+    for rel in links:
+        assert os.path.isfile(os.path.join(student, rel)), rel
+    notes = open(os.path.join(student, "docs", "paper.md")).read()
+    for section in re.findall(r'Read: docs/paper\.md §2, "([^"]+)"', text):
+        assert section in notes, section
+
+
 def test_each_grading_command_fails_on_the_student_copy_and_passes_here(student):
     assert len(COMMANDS) >= 6
     for command in COMMANDS:
