@@ -63,28 +63,15 @@ def write_grid(ema, classes, image_size, w, path, per_side=8, seed=0):
 def setup(s, out, resume, device, rank=0, world=1):
     """Fresh or resumed (model, ema, optimiser, generator, step, losses, config, data meta, training
     set). A resumed run takes its data set, folder and image size from the checkpoint."""
-    path = os.path.join(out, "ckpt.pt")
-    ckpt, meta = None, None
-    if resume:
-        if not os.path.isfile(path):
-            raise BadInput(f"--resume: no checkpoint at {path} (--out {out})")
-        ckpt = load_checkpoint(path, "teacher", flag="--resume")
-        if "opt" not in ckpt:
-            raise BadInput(f"--resume: {path} holds sampling weights only (a shipped teacher), "
-                           f"nothing to resume; delete {out} to train a teacher anew")
+    ckpt = kept_run(out) if resume else None
+    if ckpt is not None:
         config, meta = ckpt["config"], ckpt["data"]
         s = dataclasses.replace(s, dataset=meta["dataset"],
                                 data_dir=data.resolve_dir(meta["data_dir"]),
                                 image_size=meta["image_size"])
     train = data.load_dataset(s.dataset, s.data_dir, s.image_size, "train", s.download)
-    if meta is None:
-        try:
-            config = model_config(s.model, len(train.classes), train.images.shape[-1])
-            build_model(config)
-        except ValueError as e:
-            raise BadInput(str(e)) from None
-        meta = {"dataset": s.dataset, "data_dir": data.portable_dir(s.data_dir),
-                "image_size": train.images.shape[-1], "classes": train.classes}
+    if ckpt is None:
+        config, meta = new_run(s, train)
     if s.batch_size > len(train):
         raise BadInput(f"--batch-size {s.batch_size} is larger than the data set "
                        f"({len(train)} images)")
@@ -111,6 +98,30 @@ def setup(s, out, resume, device, rank=0, world=1):
               + (f"; {world} processes, {s.batch_size // world} images each per step"
                  if world > 1 else ""))
     return model, ema, opt, gen, step, losses, config, meta, train
+
+
+def kept_run(out):
+    """The checkpoint --resume continues: it must exist and hold an optimiser."""
+    path = os.path.join(out, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise BadInput(f"--resume: no checkpoint at {path} (--out {out})")
+    ckpt = load_checkpoint(path, "teacher", flag="--resume")
+    if "opt" not in ckpt:
+        raise BadInput(f"--resume: {path} holds sampling weights only (a shipped teacher), "
+                       f"nothing to resume; delete {out} to train a teacher anew")
+    return ckpt
+
+
+def new_run(s, train):
+    """(model config, data meta) of a new teacher: a preset that cannot take this data set
+    (an image size its patches or levels do not divide) stops in one line."""
+    try:
+        config = model_config(s.model, len(train.classes), train.images.shape[-1])
+        build_model(config)
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+    return config, {"dataset": s.dataset, "data_dir": data.portable_dir(s.data_dir),
+                    "image_size": train.images.shape[-1], "classes": train.classes}
 
 
 def fit(s, out, device, resume=False, stop_at=None, compile=False, rank=0, world=1, flags=None,
