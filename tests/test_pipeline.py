@@ -115,10 +115,12 @@ def test_train_refiner_with_another_guidance(tmp_path, monkeypatch, guidance, nf
     assert f"refined - {guidance}" in report["differences"]
 
 
-def test_the_flags_describe_the_default_pairs():
+def test_the_flags_describe_the_default_pairs(tmp_path, monkeypatch):
     """train_refiner's flags map onto PairSettings field by field: the defaults are the default
     pairs, and each guidance flag lands in its own field (a positional slip once made the seed the
     guidance's name)."""
+    # elsewhere: after README command 1, runs/refiner here holds a refiner the default --out refuses
+    monkeypatch.chdir(tmp_path)
     assert train_refiner.pair_settings(train_refiner.parse_args([])) == pairs.PairSettings()
     s = train_refiner.pair_settings(
         train_refiner.parse_args(["--guidance", "autoguidance", "--seed", "3"]))
